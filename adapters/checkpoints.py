@@ -1,0 +1,220 @@
+"""DifFRACT's released ``.pt`` checkpoints as our SAELens objects, and conversion to SAELens' layout.
+
+::
+
+    tc = load_difract_checkpoint("temporal-aware-transcoders/transcoder_img_3.pt")
+    tcs = load_difract_dir("temporal-aware-transcoders", layers=range(16))   # {(stream, layer): tc}
+    convert_difract_dir("temporal-aware-transcoders", "converted/")          # SAE.load_from_disk-able
+
+Loading memory-maps the file and keeps its tensors as they are (``W_enc``/``W_dec`` are transposed
+views), so a 1.2 GB release file is not copied into RAM.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens.saes.sae import SAEMetadata
+
+from difract_ext import __version__
+from difract_ext.adapters.dictionaries import (
+    TimestepSAE,
+    TimestepSAEConfig,
+    TimestepTranscoder,
+    TimestepTranscoderConfig,
+)
+from difract_ext.atomic import atomic_write_json
+from difract_ext.dictionary.difract_format import (
+    ROLES,
+    CheckpointError,
+    parse_difract_filename,
+    load_state_dict_safely,
+    sha256_file,
+    to_dictionary_state_dict,
+    validate_difract_state_dict,
+)
+from difract_ext.flux.sites import FLUX_SCHNELL, SCHNELL_TIMESTEPS, Site, check_stream, dictionary_metadata
+
+logger = logging.getLogger(__name__)
+
+Dictionary = TimestepTranscoder | TimestepSAE
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+
+
+def load_difract_checkpoint(
+    path: str | Path,
+    *,
+    role: str | None = None,
+    stream: str | None = None,
+    layer: int | None = None,
+    model_name: str = FLUX_SCHNELL,
+    trained_timesteps: Sequence[float] | None = SCHNELL_TIMESTEPS,
+    device: str = "cpu",
+    dtype: str | None = None,
+    mmap: bool = True,
+    decoder_norm_atol: float | None = 1e-4,
+) -> Dictionary:
+    """Load one DifFRACT checkpoint as a :class:`TimestepTranscoder` or :class:`TimestepSAE`.
+
+    Args:
+        path: a ``{transcoder|sae}_{img|txt}_{layer}.pt`` file.
+        role, stream, layer: override (or supply, for other file names) what the name says.
+        model_name: recorded in the SAELens metadata.
+        trained_timesteps: the t values the dictionary was trained on (schnell's four by default);
+            other values log a warning. None disables the check.
+        device, dtype: where to put it; ``dtype=None`` keeps the file's dtype (and its memory map).
+        mmap: memory-map the file instead of reading it into RAM.
+        decoder_norm_atol: tolerance of the unit-norm decoder check; None skips it.
+
+    Raises:
+        CheckpointError: unsafe or malformed files, with the file and key named.
+    """
+    path = Path(path)
+    if role is None or stream is None or layer is None:
+        parsed = parse_difract_filename(path)
+        role = role or parsed.role
+        stream = stream or parsed.stream
+        layer = parsed.layer if layer is None else layer
+    if role not in ROLES:
+        raise CheckpointError(f"{path.name}: unknown role {role!r}; expected one of {ROLES}")
+    try:
+        site = Site(layer=int(layer), stream=check_stream(stream))
+    except ValueError as err:
+        raise CheckpointError(f"{path.name}: {err}") from err
+    sd = load_state_dict_safely(path, mmap=mmap)
+    dims = validate_difract_state_dict(sd, where=path.name, decoder_norm_atol=decoder_norm_atol)
+    file_dtype = _DTYPE_NAMES.get(sd["decoder.weight"].dtype, "float32")
+    metadata = dictionary_metadata(site, role, model_name, source="DifFRACT", source_file=path.name)
+    common: dict[str, Any] = {
+        "d_in": dims.d_model,
+        "d_sae": dims.d_feat,
+        "d_t_embed": dims.d_t,
+        "dtype": file_dtype,
+        "device": "meta",
+        "trained_timesteps": None if trained_timesteps is None else list(trained_timesteps),
+        "metadata": SAEMetadata(**metadata),
+    }
+    if role == "transcoder":
+        module: Dictionary = TimestepTranscoder(TimestepTranscoderConfig(d_out=dims.d_model, **common))
+    else:
+        module = TimestepSAE(TimestepSAEConfig(**common))
+    module.cfg.device = device
+    state = to_dictionary_state_dict(sd)
+    module.process_state_dict_for_loading(state)  # no copies for a memory-mapped release file
+    module.load_state_dict(state, strict=True, assign=True)
+    target = dtype or file_dtype
+    return module.to(device=device, dtype=getattr(torch, target))
+
+
+def _discover(folder: Path, prefix: str, streams: Sequence[str]) -> dict[tuple[str, int], Path]:
+    found: dict[tuple[str, int], Path] = {}
+    for file in sorted(folder.glob(f"{prefix}_*.pt")):
+        try:
+            name = parse_difract_filename(file)
+        except CheckpointError:
+            continue
+        if name.role == prefix and name.stream in streams:
+            found[(name.stream, name.layer)] = file
+    return found
+
+
+def load_difract_dir(
+    folder: str | Path,
+    layers: Iterable[int] | None = None,
+    streams: Sequence[str] = ("img", "txt"),
+    prefix: str = "transcoder",
+    skip_missing: bool = False,
+    **kwargs: Any,
+) -> dict[tuple[str, int], Dictionary]:
+    """Load ``{prefix}_{stream}_{layer}.pt`` files from a folder, keyed ``(stream, layer)``.
+
+    Args:
+        folder: e.g. DifFRACT's ``temporal-aware-transcoders/``.
+        layers: which layers; None loads every layer present.
+        streams: any of ``"img"``, ``"txt"``.
+        prefix: ``"transcoder"`` or ``"sae"``.
+        skip_missing: skip requested files that are absent instead of raising.
+        **kwargs: passed to :func:`load_difract_checkpoint`.
+
+    Raises:
+        CheckpointError: a requested layer or stream has no file (unless ``skip_missing``).
+    """
+    folder = Path(folder)
+    if prefix not in ROLES:
+        raise CheckpointError(f"prefix must be one of {ROLES}, got {prefix!r}")
+    for s in streams:
+        check_stream(s)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory")
+    found = _discover(folder, prefix, streams)
+    if layers is None:
+        wanted = sorted(found)
+        if not wanted:
+            raise CheckpointError(f"{folder}: no {prefix}_{{img,txt}}_{{layer}}.pt files found")
+    else:
+        wanted = [(s, int(layer)) for layer in layers for s in streams]
+    out: dict[tuple[str, int], Dictionary] = {}
+    for key in wanted:
+        if key not in found:
+            if skip_missing:
+                logger.info("skipping missing %s_%s_%d.pt", prefix, *key)
+                continue
+            have = sorted(layer for (s, layer) in found if s == key[0])
+            raise CheckpointError(
+                f"{folder}: missing layer {key[1]} for stream {key[0]!r}: expected "
+                f"{prefix}_{key[0]}_{key[1]}.pt; layers present for {key[0]!r}: {have}. "
+                "Pass skip_missing=True to load what exists."
+            )
+        out[key] = load_difract_checkpoint(found[key], **kwargs)
+    return out
+
+
+def convert_difract_dir(
+    src: str | Path,
+    dst: str | Path,
+    prefixes: Sequence[str] = ROLES,
+    streams: Sequence[str] = ("img", "txt"),
+    **kwargs: Any,
+) -> Path:
+    """Convert every DifFRACT file in ``src`` to SAELens' layout under ``dst``.
+
+    Writes ``dst/{transcoders,saes}/{stream}_{layer}/{cfg.json, sae_weights.safetensors}`` (each
+    atomically) and ``dst/manifest.json`` listing source file, SHA-256, role, stream, layer and sizes.
+    Each result loads with ``SAE.load_from_disk`` once ``difract_ext`` is imported.
+
+    Returns:
+        The manifest path.
+    """
+    src, dst = Path(src), Path(dst)
+    entries: list[dict[str, Any]] = []
+    for prefix in prefixes:
+        if not src.is_dir():
+            raise CheckpointError(f"{src}: not a directory")
+        for (stream, layer), file in sorted(_discover(src, prefix, streams).items()):
+            module = load_difract_checkpoint(file, **kwargs)
+            rel = Path(f"{prefix}s") / f"{stream}_{layer}"
+            module.save_model(dst / rel)
+            entries.append({
+                "source_file": file.name,
+                "sha256": sha256_file(file),
+                "role": prefix,
+                "stream": stream,
+                "layer": layer,
+                "d_in": module.cfg.d_in,
+                "d_sae": module.cfg.d_sae,
+                "path": rel.as_posix(),
+                "architecture": module.cfg.architecture(),
+            })
+            logger.info("converted %s -> %s", file.name, rel)
+    if not entries:
+        raise CheckpointError(f"{src}: no DifFRACT checkpoints ({'/'.join(prefixes)}_*.pt) found")
+    return atomic_write_json(
+        dst / "manifest.json",
+        {"converted_by": f"difract-ext {__version__}", "source_dir": str(src), "files": entries},
+    )

@@ -1,0 +1,1 @@
+"""FLUX architecture knowledge: MLP sites, timesteps, tiny pipeline builders (no interp library)."""

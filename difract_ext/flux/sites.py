@@ -1,0 +1,105 @@
+"""Where FLUX's MLPs are, and what their inputs and outputs are.
+
+A *site* is ``(layer, stream)``: double-stream block ``layer`` and its image MLP (``"img"``,
+diffusers module ``transformer_blocks.{layer}.ff``) or text MLP (``"txt"``,
+``transformer_blocks.{layer}.ff_context``). In diffusers' ``FluxTransformerBlock``:
+
+- MLP **input** ``[B, S, D]`` = ``LN(h) ⊙ (1 + scale_mlp) + shift_mlp``: the affine-free
+  LayerNorm (eps 1e-6) of the residual after the gated attention update, AdaLN-modulated;
+- MLP **output** ``[B, S, D]`` = the ``FeedForward`` result *before* the block multiplies it by
+  ``gate_mlp`` and adds it to the residual.
+
+``S`` is the number of image patches (``img``) or text tokens (``txt``). The timestep ``t`` is the
+``timestep`` keyword the pipeline passes to the transformer (``scheduler_t / 1000``, in [0, 1]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STREAMS: tuple[str, ...] = ("img", "txt")
+STREAM_MODULES: dict[str, str] = {"img": "ff", "txt": "ff_context"}
+
+FLUX_SCHNELL = "black-forest-labs/FLUX.1-schnell"
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+#: The 4 values FLUX.1-schnell's transformer receives (scheduler 1000, 750, 500, 250 cast to
+#: bf16, so 750 -> 752, then divided by 1000 in bf16). DifFRACT's transcoders saw only these.
+SCHNELL_TIMESTEPS: tuple[float, ...] = (1.0, 0.75390625, 0.5, 0.25)
+
+
+class SiteError(ValueError):
+    """An unknown stream or a layer the model does not have."""
+
+
+def check_stream(stream: str) -> str:
+    if stream not in STREAMS:
+        raise SiteError(
+            f"unknown stream {stream!r}; streams are 'img' (image MLP, module `ff`) and 'txt' "
+            "(text MLP, module `ff_context`)"
+        )
+    return stream
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One MLP of a double-stream block: ``(layer, stream)``."""
+
+    layer: int
+    stream: str
+
+    def __post_init__(self) -> None:
+        check_stream(self.stream)
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
+            raise SiteError(f"layer must be a non-negative int, got {self.layer!r}")
+
+    @property
+    def module_path(self) -> str:
+        """Path of the MLP inside ``FluxTransformer2DModel``, e.g. ``transformer_blocks.3.ff``."""
+        return f"transformer_blocks.{self.layer}.{STREAM_MODULES[self.stream]}"
+
+    @property
+    def hook_in(self) -> str:
+        """Name of the MLP input (nnsight spelling: ``<module>.input``)."""
+        return f"{self.module_path}.input"
+
+    @property
+    def hook_out(self) -> str:
+        """Name of the MLP output before the gate (nnsight spelling: ``<module>.output``)."""
+        return f"{self.module_path}.output"
+
+    def check_in(self, num_double_layers: int) -> Site:
+        if self.layer >= num_double_layers:
+            raise SiteError(
+                f"layer {self.layer} does not exist: the model has {num_double_layers} "
+                f"double-stream blocks (layers 0..{num_double_layers - 1})"
+            )
+        return self
+
+
+def dictionary_metadata(
+    site: Site,
+    role: str,
+    model_name: str = FLUX_SCHNELL,
+    **extra: object,
+) -> dict[str, object]:
+    """SAELens metadata for a dictionary at ``site``.
+
+    A transcoder reads the MLP input and writes the MLP output; an SAE reads and writes the output.
+    """
+    if role not in ("transcoder", "sae"):
+        raise ValueError(f"role must be 'transcoder' or 'sae', got {role!r}")
+    meta: dict[str, object] = {
+        "model_name": model_name,
+        "model_class_name": "FluxTransformer2DModel",
+        "hook_name": site.hook_in if role == "transcoder" else site.hook_out,
+        "stream": site.stream,
+        "layer": site.layer,
+        "block_type": "double",
+        "module_path": site.module_path,
+        "timestep_source": "transformer `timestep` kwarg",
+        "timestep_range": [0.0, 1.0],
+    }
+    if role == "transcoder":
+        meta["hook_name_out"] = site.hook_out
+    meta.update(extra)
+    return meta

@@ -31,6 +31,7 @@ from difract_ext.atomic import atomic_write_json
 from difract_ext.dictionary.difract_format import (
     ROLES,
     CheckpointError,
+    from_dictionary_state_dict,
     parse_difract_filename,
     load_state_dict_safely,
     sha256_file,
@@ -110,6 +111,25 @@ def load_difract_checkpoint(
     module.load_state_dict(state, strict=True, assign=True)
     target = dtype or file_dtype
     return module.to(device=device, dtype=getattr(torch, target))
+
+
+def save_difract_checkpoint(module: Dictionary, path: str | Path) -> Path:
+    """Write a ReLU dictionary in DifFRACT's ``.pt`` layout (a plain state dict), atomically.
+
+    Useful for stand-in files and for handing our dictionaries to DifFRACT's own code.
+    """
+    if module.activation.kind != "relu":
+        raise CheckpointError(
+            f"DifFRACT's format has no {module.activation.kind!r} activation; only ReLU dictionaries "
+            "can be written as .pt files (use save_model for the SAELens layout)"
+        )
+    path = Path(path)
+    sd = from_dictionary_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, tmp)
+    tmp.replace(path)
+    return path
 
 
 def _discover(folder: Path, prefix: str, streams: Sequence[str]) -> dict[tuple[str, int], Path]:

@@ -10,6 +10,7 @@ from difract_ext.adapters.checkpoints import (  # noqa: E402
     convert_difract_dir,
     load_difract_checkpoint,
     load_difract_dir,
+    save_difract_checkpoint,
 )
 from difract_ext.adapters.dictionaries import (  # noqa: E402
     TimestepSAE,
@@ -43,4 +44,5 @@ __all__ = [
     "load_difract_checkpoint",
     "load_difract_dir",
     "register_architectures",
+    "save_difract_checkpoint",
 ]

@@ -223,3 +223,13 @@ def to_dictionary_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     out["W_dec"] = sd["decoder.weight"].T
     out["b_dec"] = sd["decoder.bias"]
     return out
+
+
+def from_dictionary_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_dictionary_state_dict`: our names back to DifFRACT's (contiguous)."""
+    out = {k: v.contiguous() for k, v in sd.items() if k.startswith(("time_mlp.", "mod_linear."))}
+    out["encoder.weight"] = sd["W_enc"].T.contiguous()
+    out["encoder.bias"] = sd["b_enc"].contiguous()
+    out["decoder.weight"] = sd["W_dec"].T.contiguous()
+    out["decoder.bias"] = sd["b_dec"].contiguous()
+    return out

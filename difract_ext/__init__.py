@@ -27,7 +27,23 @@ from difract_ext.dictionary import (  # noqa: E402
 )
 from difract_ext.flux.sites import SCHNELL_TIMESTEPS, Site, SiteError  # noqa: E402
 
+_LAZY = {
+    "FluxModel": "difract_ext.adapters.tracing",
+    "FluxTracer": "difract_ext.adapters.tracing",
+}
+
+
+def __getattr__(name: str) -> object:  # heavy optional parts load on first use
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'difract_ext' has no attribute {name!r}")
+
+
 __all__ = [
+    "FluxModel",
+    "FluxTracer",
     "SCHNELL_TIMESTEPS",
     "CheckpointError",
     "DecoderNormError",

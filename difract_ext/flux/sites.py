@@ -16,6 +16,7 @@ diffusers module ``transformer_blocks.{layer}.ff``) or text MLP (``"txt"``,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 STREAMS: tuple[str, ...] = ("img", "txt")
 STREAM_MODULES: dict[str, str] = {"img": "ff", "txt": "ff_context"}
@@ -103,3 +104,21 @@ def dictionary_metadata(
         meta["hook_name_out"] = site.hook_out
     meta.update(extra)
     return meta
+
+
+def default_num_inference_steps(pipeline: Any) -> int:
+    """Steps a FLUX pipeline is meant to run: 4 for schnell-style (no guidance embedding,
+    timestep-distilled), 28 for dev-style (guidance-embedded) transformers."""
+    guidance = bool(getattr(pipeline.transformer.config, "guidance_embeds", False))
+    return 28 if guidance else 4
+
+
+def transformer_calls_per_step(call_kwargs: dict[str, Any]) -> int:
+    """How often ``FluxPipeline`` calls the transformer per denoising step: 2 under true CFG
+    (``true_cfg_scale > 1`` and a negative prompt), else 1."""
+    scale = float(call_kwargs.get("true_cfg_scale", 1.0) or 1.0)
+    has_neg = call_kwargs.get("negative_prompt") is not None or (
+        call_kwargs.get("negative_prompt_embeds") is not None
+        and call_kwargs.get("negative_pooled_prompt_embeds") is not None
+    )
+    return 2 if scale > 1 and has_neg else 1

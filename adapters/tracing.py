@@ -1,0 +1,278 @@
+"""nnsight for FLUX: ``with flux.trace(prompt):`` over a diffusers ``FluxPipeline``.
+
+::
+
+    flux = FluxModel(pipe)                       # a pipeline object, a hub id or a local folder
+    flux.attach_transcoders(tcs)                 # {(layer, stream): TimestepTranscoder}
+    with flux.trace("a red circle on the left", seed=0) as tracer:
+        for step in tracer.steps():              # bounded: every denoising step, then it ends
+            t = flux.timestep.save()             # what the transformer receives, [B]
+            y = flux.transformer.transformer_blocks[1].ff.output.save()
+            f = flux.transcoders[1].ff.features.output
+            f[..., 7] = 0                        # ablate feature 7 at this step
+        image = tracer.result.save()
+
+Differences from nnsight's ``DiffusionModel`` (whose traps are documented in
+``../shared/design/nnsight_flux.md``): the default number of steps is the pipeline's real one
+(4 for schnell-style, 28 for dev-style), never a silent 1; ``tracer.steps()`` is a bounded loop,
+so code after it runs; a built pipeline object is accepted; transcoders survive lazy dispatch.
+
+Order of access inside one step follows execution: ``flux.timestep`` / transformer inputs, then
+block 0 (``ff.output`` → ``transcoders[0].ff.features`` → ``ff_context.output`` →
+``transcoders[0].ff_context.features``), block 1, ...; ``tracer.result`` after the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from nnsight import DiffusionModel
+from nnsight.intervention.tracer import InterleavingTracer
+from torch import nn
+
+from difract_ext.flux.sites import (
+    STREAM_MODULES,
+    Site,
+    SiteError,
+    check_stream,
+    default_num_inference_steps,
+    transformer_calls_per_step,
+)
+from difract_ext.splice import SpliceMode, TranscoderSite, check_dictionary_fits, spliced
+
+
+class PipelineRoot(nn.Module):
+    """An ``nn.Module`` over a ``DiffusionPipeline``: its module components as children, and a
+    ``forward`` that runs the pipeline (``seed`` becomes a generator; ``seed + i`` per image)."""
+
+    def __init__(self, pipeline: Any) -> None:
+        super().__init__()
+        self.pipeline = pipeline  # not an nn.Module: a plain attribute
+        for name, component in pipeline.components.items():
+            if isinstance(component, nn.Module):
+                self.add_module(name, component)
+
+    def forward(self, *args: Any, seed: int | None = None, **kwargs: Any) -> Any:
+        if seed is not None and kwargs.get("generator") is None:
+            prompt = kwargs.get("prompt", args[0] if args else None)
+            embeds = kwargs.get("prompt_embeds")
+            n = embeds.shape[0] if embeds is not None else len(prompt) if isinstance(prompt, (list, tuple)) else 1
+            n *= kwargs.get("num_images_per_prompt", 1) or 1
+            device = self.pipeline.device
+            gens = [torch.Generator(device).manual_seed(seed + i) for i in range(n)]
+            kwargs["generator"] = gens if n > 1 else gens[0]
+        return self.pipeline(*args, **kwargs)
+
+
+class FluxTracer(InterleavingTracer):
+    """nnsight's tracer plus bounded step loops for a denoising run."""
+
+    def _n_steps(self) -> tuple[int, int]:
+        kwargs = self.kwargs
+        return int(kwargs["num_inference_steps"]), transformer_calls_per_step(kwargs)
+
+    def steps(self, *selection: int | slice | Iterable[int]) -> Any:
+        """Loop over denoising steps: ``steps()`` all, ``steps(2)``, ``steps(0, 3)``,
+        ``steps(slice(1, 3))``. Each pass of the loop body sees one transformer call: one per
+        step, or two per step under true CFG (the conditional call, then the unconditional one).
+
+        Raises:
+            ValueError: a step outside ``0 .. num_inference_steps - 1``.
+        """
+        n, calls = self._n_steps()
+        if not selection:
+            wanted = list(range(n))
+        else:
+            wanted = []
+            for item in selection:
+                if isinstance(item, slice):
+                    wanted.extend(range(n)[item])
+                elif isinstance(item, int) and not isinstance(item, bool):
+                    wanted.append(item)
+                else:
+                    wanted.extend(int(i) for i in item)
+        bad = [s for s in wanted if not 0 <= s < n]
+        if bad or not wanted:
+            raise ValueError(
+                f"step(s) {bad or list(selection)} out of range: this trace runs {n} denoising "
+                f"steps (0..{n - 1}); pass num_inference_steps= to trace() for more"
+            )
+        occurrences = [s * calls + c for s in wanted for c in range(calls)]
+        if occurrences == list(range(n * calls)):
+            return self.iter[: n * calls]
+        return self.iter[occurrences]
+
+
+class FluxModel(DiffusionModel):
+    """An nnsight model over a diffusers ``FluxPipeline``, with transcoders as traceable sites.
+
+    Args:
+        model: a ``FluxPipeline`` (or any ``DiffusionPipeline`` with a FLUX transformer), a hub
+            id or a local ``save_pretrained`` folder.
+        transcoders: optional dictionaries to attach (see :meth:`attach_transcoders`).
+        default_steps: steps when ``num_inference_steps`` is not given (default: 4 for
+            schnell-style, 28 for dev-style transformers).
+        **kwargs: nnsight / ``from_pretrained`` arguments (``dispatch=True``, ``torch_dtype``...).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *args: Any,
+        transcoders: Any = None,
+        default_steps: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from diffusers import DiffusionPipeline
+
+        object.__setattr__(self, "_difract_sites", {})
+        object.__setattr__(self, "_difract_default_steps", default_steps)
+        if isinstance(model, DiffusionPipeline):
+            model = PipelineRoot(model)
+        super().__init__(model, *args, **kwargs)
+        if self.pipeline is not None:
+            self.pipeline.set_progress_bar_config(disable=True)
+        if transcoders is not None:
+            self.attach_transcoders(transcoders)
+
+    # ---- loading ------------------------------------------------------------------------------
+    def _wrap(self, module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        if not isinstance(module, PipelineRoot):
+            raise TypeError(
+                f"FluxModel wraps a diffusers pipeline, a hub id or a folder, not {type(module).__name__}"
+            )
+        self.pipeline = module.pipeline
+        return module
+
+    def _load(self, repo_id: str, *args: Any, automodel: Any = None, **kwargs: Any) -> nn.Module:
+        self.pipeline = self._pipeline_class(automodel).from_pretrained(
+            repo_id, revision=self.revision, **kwargs
+        )
+        return PipelineRoot(self.pipeline)
+
+    def _load_meta(self, repo_id: str, *args: Any, automodel: Any = None, **kwargs: Any) -> nn.Module:
+        self.pipeline = self._meta_pipeline(repo_id, automodel)
+        return PipelineRoot(self.pipeline)
+
+    def dispatch(self) -> None:
+        """Load real weights (lazy models), then re-mount attached transcoders on them."""
+        if self.dispatched:
+            return
+        super().dispatch()
+        self.pipeline.set_progress_bar_config(disable=True)
+        self._mount()
+
+    # ---- running ------------------------------------------------------------------------------
+    def trace(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Trace a whole denoising run; ``num_inference_steps`` defaults to the pipeline's own.
+
+        Other keywords go to ``FluxPipeline.__call__`` (``height``, ``width``, ``guidance_scale``,
+        ``max_sequence_length``, ``output_type``...); ``seed=`` gives reproducible generators.
+        """
+        if "num_inference_steps" not in kwargs:
+            steps = self._difract_default_steps
+            if steps is None:
+                if self.pipeline is None:
+                    raise RuntimeError("no pipeline loaded")
+                steps = default_num_inference_steps(self.pipeline)
+            kwargs["num_inference_steps"] = steps
+        if int(kwargs["num_inference_steps"]) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {kwargs['num_inference_steps']}")
+        kwargs.setdefault("tracer_cls", FluxTracer)
+        return super().trace(*inputs, **kwargs)
+
+    def interleave(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        self.dispatch()  # hooks must land on the real modules, not on meta ones
+        with self._hooked():
+            return super().interleave(fn, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _hooked(self) -> Iterator[None]:
+        sites: dict[Site, TranscoderSite] = self._difract_sites
+        if not sites:
+            yield
+            return
+        with spliced(self.pipeline.transformer, sites):
+            yield
+
+    @property
+    def timestep(self) -> Any:
+        """Inside a trace: the ``timestep`` the transformer receives at this step, ``[B]`` in [0, 1]."""
+        return self.transformer.inputs[1]["timestep"]
+
+    # ---- transcoders --------------------------------------------------------------------------
+    def attach_transcoders(
+        self,
+        transcoders: Mapping[Any, Any] | Iterable[Any],
+        mode: SpliceMode = "delta",
+        keep_error: bool = False,
+    ) -> None:
+        """Attach dictionaries, one per ``(layer, stream)``.
+
+        Args:
+            transcoders: a mapping keyed ``(layer, stream)``, ``(stream, layer)`` (as returned by
+                :func:`difract_ext.load_difract_dir`) or :class:`Site`; or an iterable of
+                dictionaries whose metadata names their layer and stream.
+            mode: ``"delta"`` (edits add ``(z' − z)·W_dec`` to the true MLP output; unedited runs
+                are bit-identical) or ``"replace"`` (the MLP output becomes ``decode(z')``).
+            keep_error: in replace mode, add the transcoder's error ``y − decode(z)`` back.
+
+        Raises:
+            SiteError: an unknown stream, a layer the model lacks, a single-stream block, or a
+                dictionary whose width does not match the model.
+        """
+        items = transcoders.items() if isinstance(transcoders, Mapping) else (
+            ((d.cfg.metadata.layer, d.cfg.metadata.stream), d) for d in transcoders
+        )
+        new: dict[Site, TranscoderSite] = {}
+        for key, dictionary in items:
+            site = _as_site(key)
+            check_dictionary_fits(self.pipeline.transformer, site, dictionary)
+            new[site] = TranscoderSite(dictionary, site, mode=mode, keep_error=keep_error)
+        self._difract_sites.update(new)
+        self._mount()
+
+    def detach_transcoders(self) -> None:
+        """Remove every attached dictionary."""
+        self._difract_sites.clear()
+        self._mount()
+
+    @property
+    def attached_sites(self) -> list[Site]:
+        return sorted(self._difract_sites)
+
+    def _mount(self) -> None:
+        """(Re)build ``flux.transcoders``: a ModuleList over double blocks of ModuleDicts."""
+        sites: dict[Site, TranscoderSite] = self._difract_sites
+        if "transcoders" in self._module._modules:
+            del self._module._modules["transcoders"]
+            self._module_refresh()
+        if not sites:
+            return
+        n = len(self.pipeline.transformer.transformer_blocks)
+        blocks = nn.ModuleList(nn.ModuleDict() for _ in range(n))
+        for site, mod in sites.items():
+            blocks[site.layer][STREAM_MODULES[site.stream]] = mod
+        self.transcoders = blocks
+
+    def _module_refresh(self) -> None:
+        self._update(self._module)
+
+
+def _as_site(key: Any) -> Site:
+    if isinstance(key, Site):
+        return key
+    if isinstance(key, tuple) and len(key) == 2:
+        a, b = key
+        layer, stream = (a, b) if isinstance(b, str) else (b, a)
+        if stream == "single":
+            raise SiteError(
+                "transcoders on single-stream blocks are not supported: their MLP is fused with "
+                "the attention output in `proj_out`; attach to double blocks ('img'/'txt')"
+            )
+        check_stream(stream)
+        return Site(int(layer), stream)
+    raise SiteError(f"cannot read (layer, stream) from key {key!r}")

@@ -172,6 +172,12 @@ class FluxModel(DiffusionModel):
         Other keywords go to ``FluxPipeline.__call__`` (``height``, ``width``, ``guidance_scale``,
         ``max_sequence_length``, ``output_type``...); ``seed=`` gives reproducible generators.
         """
+        if kwargs.get("remote"):
+            raise NotImplementedError(
+                "FluxModel runs locally only. Remote (NDIF) execution is untested here and cannot "
+                "carry attached transcoders (they exist only in this process); for remote runs use "
+                "nnsight.DiffusionModel with a hub id the server hosts, without transcoders."
+            )
         if "num_inference_steps" not in kwargs:
             steps = self._difract_default_steps
             if steps is None:

@@ -24,3 +24,11 @@ def test_load_difract_transcoder_example() -> None:
     steps = [line for line in out.splitlines() if line.startswith("t=")]
     assert [s.split()[0] for s in steps] == ["t=1", "t=0.75", "t=0.5", "t=0.25"]
     assert "SAE.load_from_disk -> TimestepTranscoder, identical outputs: True" in out
+
+
+def test_trace_flux_example() -> None:
+    out = run_example("trace_flux.py", "--model", "tiny")
+    steps = [line.split()[0] for line in out.splitlines() if line.startswith("t=")]
+    assert steps == ["t=1", "t=0.75", "t=0.5", "t=0.25"]
+    assert "changed the final latent by" in out
+    assert "unedited trace identical to plain diffusers: True" in out

@@ -314,3 +314,8 @@ def test_local_folder_lazy_and_eager(pipe, width, tmp_path: Path) -> None:
 def test_not_a_pipeline() -> None:
     with pytest.raises(TypeError, match="wraps a diffusers pipeline"):
         FluxModel(torch.nn.Linear(2, 2))
+
+
+def test_remote_refused_clearly(pipe) -> None:
+    with pytest.raises(NotImplementedError, match="runs locally only"):
+        FluxModel(pipe).trace(PROMPTS[0], remote=True)

@@ -1,0 +1,307 @@
+"""circuit-tracer's ``attribute()`` on one FLUX denoising step.
+
+:class:`FluxReplacementModel` satisfies the duck-typed model protocol of circuit-tracer 0.5's
+``_run_attribution`` (``ensure_tokenized``, ``setup_attribution``, ``run_forward_pass``,
+``tokenizer``, ``model_config``, ``unembed_proj``, ``scan``) over
+:class:`~difract_ext.replacement.frozen.FrozenFlux`. circuit-tracer's own ``attribute``,
+``Graph``, ``prune_graph`` and ``compute_graph_scores`` do the work; we subclass only its
+TransformerLens ``AttributionContext``, for what it hard-codes for language models:
+
+- targets: circuit-tracer injects target vectors at the last position only. Our custom targets
+  carry just their index (``CustomTarget.vec = [i]``); the context looks up the
+  :class:`~difract_ext.replacement.targets.TargetSpec` and injects its vectors at any positions
+  and layers;
+- unexplored-feature residue: ``attribute(max_feature_nodes=...)`` drops the columns of features
+  it does not expand. The context records, for every row, the summed direct effect of *all* active
+  features at each (layer, position), so that residue nodes keep conservation exact (they are
+  added to the graph as pseudo-features with id ``RESIDUE_FEATURE``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from circuit_tracer.attribution.attribute import attribute
+from circuit_tracer.attribution.context_transformerlens import AttributionContext
+from circuit_tracer.attribution.targets import CustomTarget
+from circuit_tracer.graph import Graph
+from circuit_tracer.utils.tl_nnsight_mapping import UnifiedConfig
+
+from difract_ext.flux.sites import Site
+from difract_ext.graphs.metadata import RESIDUE_FEATURE, GraphMeta
+from difract_ext.replacement.components import StepComponents, step_components
+from difract_ext.replacement.frozen import FrozenFlux
+from difract_ext.replacement.inputs import FluxStepInput
+from difract_ext.replacement.targets import TargetSpec
+
+logger = logging.getLogger(__name__)
+
+
+class PositionTokenizer:
+    """What circuit-tracer asks of a tokenizer: one pseudo token per joint position."""
+
+    def __init__(self, meta: GraphMeta) -> None:
+        self.meta = meta
+        self.vocab_size = meta.n_pos
+
+    def decode(self, ids: Any) -> str:
+        return self.meta.prompt
+
+
+class FluxAttributionContext(AttributionContext):
+    """circuit-tracer's TransformerLens context with FLUX targets and residue bookkeeping."""
+
+    targets: list[TargetSpec]
+    feature_totals: torch.Tensor  # [L, P, d]: Σ a W_dec over all active features at (l, p)
+
+    def _make_attribution_hooks(self, feature_output_hook: str) -> list[tuple[str, Any]]:
+        hooks = super()._make_attribution_hooks(feature_output_hook)
+        proxy = weakref.proxy(self)
+
+        def totals(grads: torch.Tensor, hook: Any, *, layer: int) -> None:
+            # [B, P, d] x [P, d] -> [B, P]: direct effect of all features at (layer, p)
+            proxy._totals_buffer[:, layer] += (grads.to(self.feature_totals.dtype) * self.feature_totals[layer]).sum(-1)
+
+        for layer in range(self.n_layers):
+            hooks.append((f"blocks.{layer}.{feature_output_hook}", partial(totals, layer=layer)))
+        return hooks
+
+    def compute_batch(
+        self,
+        layers: torch.Tensor,
+        positions: torch.Tensor,
+        inject_values: torch.Tensor,
+        retain_graph: bool = True,
+    ) -> torch.Tensor:
+        """Rows for a batch of targets (index-coded) or features (encoder rows + index column)."""
+        n = len(layers)
+        is_target = inject_values.shape[1] == 1
+        index = inject_values[:, -1].round().long()
+        injections: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        if is_target:
+            for b, i in enumerate(index.tolist()):
+                for layer, pos, vecs in self.targets[i].injections:
+                    injections.setdefault(layer, []).append((b, pos, vecs))
+        else:
+            vecs = inject_values[:, :-1]
+            for b in range(n):
+                injections.setdefault(int(layers[b]), []).append((b, positions[b : b + 1], vecs[b : b + 1]))
+        batch_size = self._resid_activations[0].shape[0]
+        dtype = self.encoder_vecs.dtype
+        self._batch_buffer = torch.zeros(self._row_size, batch_size, dtype=dtype)
+        self._totals_buffer = torch.zeros(batch_size, self.n_layers, self.feature_totals.shape[1], dtype=dtype)
+
+        def inject(grads: torch.Tensor, *, items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+            out = grads.clone()
+            for b, pos, vecs in items:
+                out[b, pos] += vecs.to(out.dtype)
+            return out
+
+        handles = [
+            self._resid_activations[layer].register_hook(partial(inject, items=items))  # type: ignore[union-attr]
+            for layer, items in injections.items()
+        ]
+        try:
+            start = self._resid_activations[max(injections)]
+            start.backward(gradient=torch.zeros_like(start), retain_graph=retain_graph)  # type: ignore[union-attr]
+        finally:
+            for h in handles:
+                h.remove()
+        rows = self._batch_buffer.T[:n].clone()
+        totals = self._totals_buffer[:n].clone()
+        self._batch_buffer = None
+        store = self.target_totals if is_target else self.feature_row_totals
+        for b, i in enumerate(index.tolist()):
+            store[i] = totals[b]
+        return rows
+
+
+@dataclass
+class FluxAttribution:
+    """Result of :func:`attribute_step`: circuit-tracer's graph plus what it is about."""
+
+    graph: Graph
+    meta: GraphMeta
+    targets: list[TargetSpec]
+    components: StepComponents
+    target_values: torch.Tensor  # [K] value of each target on the real step
+    n_residue: int
+    model: FluxReplacementModel
+
+
+class FluxReplacementModel:
+    """The duck-typed model circuit-tracer's ``attribute()`` runs on (one step, one prompt)."""
+
+    feature_input_hook = "mlp.hook_in"
+    feature_output_hook = "mlp.hook_out"
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        step: FluxStepInput,
+        dictionaries: Mapping[Site, Any],
+        scan: str | None = None,
+        model_name: str = "flux",
+    ) -> None:
+        self.frozen = FrozenFlux(transformer, step)
+        self.step = step
+        self.dictionaries = dict(dictionaries)
+        for site in self.dictionaries:
+            site.check_in(self.frozen.n_double)
+        self.scan = scan
+        self.targets: list[TargetSpec] = []
+        self.clean = self.frozen.record()
+        self.components = step_components(
+            self.dictionaries, self.clean["mlp_in"], self.clean["mlp_out"], step.t, step.n_txt, self.frozen.n_double
+        )
+        self.meta = GraphMeta(
+            prompt=step.prompt, seed=step.seed, step=step.step, timestep=step.t,
+            num_inference_steps=step.num_inference_steps, n_txt=step.n_txt, grid=step.grid,
+            text_tokens=list(step.text_tokens) or [f"tok{i}" for i in range(step.n_txt)],
+            n_double=self.frozen.n_double, n_layers=self.frozen.n_layers, d_img=self.components.d_img,
+            target_labels=[], model_name=model_name, height=step.height, width=step.width,
+        )
+        self.tokenizer = PositionTokenizer(self.meta)
+        tf_cfg = transformer.config
+        self.model_config = UnifiedConfig(
+            n_layers=self.frozen.n_layers, d_model=self.frozen.d_model, d_head=int(tf_cfg.attention_head_dim),
+            n_heads=int(tf_cfg.num_attention_heads), d_mlp=4 * self.frozen.d_model, d_vocab=self.meta.n_pos,
+            tokenizer_name="difract-ext/positions", model_name=model_name,
+            original_architecture="FluxTransformer2DModel",
+        )
+        self.unembed_proj = torch.zeros(self.frozen.d_model, 1)
+
+    # ---- circuit-tracer protocol ------------------------------------------------------------
+    def ensure_tokenized(self, prompt: Any) -> torch.Tensor:
+        """One pseudo token per joint position (``0 .. P-1``)."""
+        return torch.arange(self.meta.n_pos)
+
+    def hooks(self, fwd_hooks: Sequence[Any] = (), bwd_hooks: Sequence[Any] = ()) -> Any:
+        return self.frozen.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks))
+
+    def setup_attribution(self, input_ids: torch.Tensor) -> FluxAttributionContext:
+        c = self.components
+        index = torch.arange(c.n_active, dtype=c.encoder_vecs.dtype)[:, None]
+        ctx = FluxAttributionContext(
+            activation_matrix=c.activation_matrix,
+            error_vectors=c.error_vectors,
+            token_vectors=self.clean["embed"],
+            decoder_vecs=c.decoder_vecs,
+            encoder_vecs=torch.cat([c.encoder_vecs, index], dim=1),  # index column: see compute_batch
+            encoder_to_decoder_map=torch.arange(c.n_active),
+            decoder_locations=c.decoder_locations,
+            logits=torch.zeros(1, 1, self.meta.n_pos),
+        )
+        ctx.targets = self.targets
+        ctx.feature_totals = c.reconstruction - c.bias
+        ctx.target_totals, ctx.feature_row_totals = {}, {}
+        return ctx
+
+    def run_forward_pass(self, input_ids: torch.Tensor, batch_size: int, ctx: FluxAttributionContext) -> None:
+        self._ctx = ctx
+        with ctx.install_hooks(self):
+            self.frozen(batch=batch_size)
+
+    # ---- values -------------------------------------------------------------------------------
+    def target_values(self) -> torch.Tensor:
+        """``[K]`` each target's value on the real step."""
+        mlp_in, resid = self.clean["mlp_in"][None], self.clean["resid_final"][None]
+        return torch.stack([t.value(mlp_in, resid)[0] for t in self.targets])
+
+
+def attribute_step(
+    transformer: torch.nn.Module,
+    step: FluxStepInput,
+    dictionaries: Mapping[Site, Any],
+    targets: Sequence[TargetSpec] | Any,
+    *,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 256,
+    scan: str | None = None,
+    model_name: str = "flux",
+    verbose: bool = False,
+) -> FluxAttribution:
+    """Attribution graph of one denoising step through circuit-tracer's ``attribute()``.
+
+    Args:
+        transformer: the pipeline's ``FluxTransformer2DModel``.
+        step: the captured step (:func:`~difract_ext.replacement.inputs.capture_step_input`).
+        dictionaries: ``{Site: transcoder}``; MLPs without one are error-only.
+        targets: :class:`TargetSpec` list, or a callable ``(FluxReplacementModel) -> list`` (targets
+            often need the model's frozen step, e.g. :func:`output_target`).
+        max_feature_nodes: expand at most this many features (None: all); the others' effects
+            become residue nodes.
+        batch_size: rows per backward pass (and forward replication), as in circuit-tracer.
+    """
+    model = FluxReplacementModel(transformer, step, dictionaries, scan=scan, model_name=model_name)
+    specs = list(targets(model) if callable(targets) else targets)
+    if not specs:
+        raise ValueError("attribute_step needs at least one target")
+    model.targets = specs
+    model.meta.target_labels = [t.label for t in specs]
+    weights = torch.tensor([t.weight for t in specs], dtype=torch.float32)
+    custom = [
+        CustomTarget(token_str=t.label, prob=float(w), vec=torch.tensor([float(i)]))
+        for i, (t, w) in enumerate(zip(specs, weights / weights.sum(), strict=True))
+    ]
+    with torch.enable_grad():
+        graph = attribute(
+            None, model, attribution_targets=custom, batch_size=batch_size,
+            max_feature_nodes=max_feature_nodes, verbose=verbose,
+        )
+    graph, n_res = _add_residue(graph, model)
+    return FluxAttribution(
+        graph=graph, meta=model.meta, targets=specs, components=model.components,
+        target_values=model.target_values(), n_residue=n_res, model=model,
+    )
+
+
+def _add_residue(graph: Graph, model: FluxReplacementModel) -> tuple[Graph, int]:
+    """Insert residue pseudo-features for unexpanded features, keeping every row conserved."""
+    ctx = model._ctx
+    c = model.components
+    n_active = c.n_active
+    selected = graph.selected_features
+    unselected = torch.ones(n_active, dtype=torch.bool)
+    unselected[selected] = False
+    if not bool(unselected.any()):
+        return graph, 0
+    feats = c.features
+    n_pos = model.meta.n_pos
+    cells = torch.unique(feats[unselected, 0] * n_pos + feats[unselected, 1])
+    n_sel, n_res, k = len(selected), len(cells), len(graph.logit_targets)
+    adj = graph.adjacency_matrix
+    m = adj.shape[0]
+    new = torch.zeros(m + n_res, m + n_res, dtype=adj.dtype)
+    keep = torch.cat([torch.arange(n_sel), torch.arange(n_sel, m) + n_res])
+    new[keep[:, None], keep[None, :]] = adj
+    # rows of the graph: selected features, then targets (last k)
+    row_totals = [ctx.feature_row_totals[int(i)] for i in selected] + [ctx.target_totals[i] for i in range(k)]
+    row_ids = torch.cat([torch.arange(n_sel), torch.arange(m + n_res - k, m + n_res)])
+    sel_cells = feats[selected, 0] * n_pos + feats[selected, 1]
+    for r, totals in zip(row_ids.tolist(), row_totals, strict=True):
+        flat = totals.reshape(-1)
+        explored = torch.zeros_like(flat).index_add_(0, sel_cells, new[r, :n_sel].to(flat.dtype))
+        new[r, n_sel : n_sel + n_res] = (flat - explored)[cells].to(new.dtype)
+    res_feats = torch.stack([cells // n_pos, cells % n_pos, torch.full_like(cells, RESIDUE_FEATURE)], dim=1)
+    acts = torch.zeros(n_res, dtype=graph.activation_values.dtype).index_add_(
+        0, torch.searchsorted(cells, (feats[unselected, 0] * n_pos + feats[unselected, 1])),
+        graph.activation_values[unselected],
+    )
+    out = Graph(
+        input_string=graph.input_string, input_tokens=graph.input_tokens,
+        active_features=torch.cat([graph.active_features, res_feats.to(graph.active_features.dtype)]),
+        adjacency_matrix=new, cfg=graph.cfg,
+        selected_features=torch.cat([selected, n_active + torch.arange(n_res)]),
+        activation_values=torch.cat([graph.activation_values, acts]),
+        logit_targets=graph.logit_targets, logit_probabilities=graph.logit_probabilities,
+        scan=graph.scan, vocab_size=graph.vocab_size,
+    )
+    return out, n_res

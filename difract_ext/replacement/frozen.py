@@ -1,0 +1,301 @@
+"""The frozen local replacement model of one FLUX denoising step.
+
+:class:`FrozenFlux` re-runs a ``FluxTransformer2DModel`` on one captured step (its own weights,
+no copies) with one joint position axis, text first: ``P = n_txt + n_img``. It exposes
+TransformerLens hook points, named as circuit-tracer expects:
+
+- ``hook_embed`` ``[B, P, d]``: ``cat(context_embedder(T5 states), x_embedder(latents))``;
+- ``blocks.{l}.mlp.hook_in`` ``[B, P, d]``: the MLP input of every position (double block: the
+  AdaLN-modulated ``norm2`` outputs of both streams; single block: the shared modulated norm);
+  the block consumes this tensor, so gradients injected here reach the residual;
+- ``blocks.{l}.mlp.hook_out`` ``[B, P, d]``: the MLP output before its gate (double: ``ff`` /
+  ``ff_context``; single: the MLP columns of ``proj_out``, ``W_mlp · GELU(proj_mlp(x))``);
+- ``unembed.hook_pre`` ``[B, P, d]``: ``norm_out`` of the final residual (image rows feed
+  ``proj_out``, the velocity).
+
+Layers ``0 .. n_double - 1`` are double blocks, then the single blocks. With ``freeze=True`` the
+map from ``hook_embed`` and the MLP outputs to anything downstream is affine: attention patterns
+(q and k after RoPE), LayerNorm denominators and all AdaLN modulations and gates are constants,
+and MLP outputs are detached from their inputs. Forward *values* are those of the real model:
+every frozen quantity is computed exactly as diffusers does and only its gradient is linearised
+(``value.detach() + (linear - linear.detach())``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from torch import nn
+from transformer_lens.hook_points import HookedRootModule, HookPoint
+
+from difract_ext.replacement.inputs import FluxStepInput
+
+
+def _straight(exact: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
+    """Value of ``exact``, gradient of ``linear``."""
+    return exact.detach() + (linear - linear.detach())
+
+
+class _MLPHooks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_in = HookPoint()
+        self.hook_out = HookPoint()
+
+
+class _Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _MLPHooks()
+
+
+class _Unembed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_pre = HookPoint()
+
+
+class FrozenFlux(HookedRootModule):
+    """One denoising step of a FLUX transformer with circuit-tracer's freeze points.
+
+    Args:
+        transformer: the pipeline's ``FluxTransformer2DModel`` (shared, never modified).
+        step: the captured transformer call (batch 1).
+        freeze: linearise gradients (attention patterns, LayerNorm scales, MLPs frozen).
+    """
+
+    def __init__(self, transformer: nn.Module, step: FluxStepInput, freeze: bool = True) -> None:
+        super().__init__()
+        self.flux = transformer
+        self.step_input = step
+        self.freeze = freeze
+        self.n_txt = step.n_txt
+        self.n_img = step.n_img
+        self.n_double = len(transformer.transformer_blocks)
+        self.n_single = len(transformer.single_transformer_blocks)
+        self.n_layers = self.n_double + self.n_single
+        self.d_model = int(transformer.inner_dim)
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList(_Layer() for _ in range(self.n_layers))
+        self.unembed = _Unembed()
+        self.setup()
+        self._precompute()
+        self._mode = "live"  # "record" (clean pass, keep q/k and LN scales) or "replay"
+        self._tape: list[torch.Tensor] = []
+        self._cursor = 0
+        self._mlp_override: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _precompute(self) -> None:
+        """Constants of the step: time embedding, RoPE, every AdaLN modulation."""
+        tf, s = self.flux, self.step_input
+        dtype = tf.x_embedder.weight.dtype
+        timestep = s.timestep.to(dtype) * 1000
+        if s.guidance is None:
+            temb = tf.time_text_embed(timestep, s.pooled_projections)
+        else:
+            temb = tf.time_text_embed(timestep, s.guidance.to(dtype) * 1000, s.pooled_projections)
+        self._temb = temb
+        self._rotary = tf.pos_embed(torch.cat((s.txt_ids, s.img_ids), dim=0))
+        self._double_mod = []
+        for block in tf.transformer_blocks:
+            img = block.norm1.linear(block.norm1.silu(temb)).chunk(6, dim=1)
+            txt = block.norm1_context.linear(block.norm1_context.silu(temb)).chunk(6, dim=1)
+            self._double_mod.append((img, txt))
+        self._single_mod = [
+            block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1) for block in tf.single_transformer_blocks
+        ]
+        emb = tf.norm_out.linear(tf.norm_out.silu(temb).to(dtype))
+        self._out_scale, self._out_shift = torch.chunk(emb, 2, dim=1)
+
+    # ---- frozen pieces -----------------------------------------------------------------------
+    def _active(self) -> bool:
+        return self.freeze and torch.is_grad_enabled()
+
+    def _taped(self, value: torch.Tensor) -> torch.Tensor:
+        """Record ``value`` (clean pass) or return the recorded one (replay)."""
+        if self._mode == "record":
+            self._tape.append(value.detach())
+        elif self._mode == "replay":
+            value = self._tape[self._cursor]
+            self._cursor += 1
+        return value
+
+    def _ln(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """An affine-free LayerNorm whose denominator is a constant for gradients."""
+        centred = x - x.mean(dim=-1, keepdim=True)
+        if self._mode != "live":
+            sigma = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + module.eps)
+            return centred / self._taped(sigma)
+        exact = module(x)
+        if not self._active():
+            return exact
+        sigma = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + module.eps).detach()
+        return _straight(exact, centred / sigma)
+
+    def _attention(
+        self, attn: Any, x_img: torch.Tensor, x_txt: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """FLUX joint attention with q and k (after norms and RoPE) frozen; gradient through v.
+
+        Double blocks pass image and text inputs separately; single blocks pass the joint
+        sequence as ``x_img`` and ``None``.
+        """
+        q = attn.norm_q(attn.to_q(x_img).unflatten(-1, (attn.heads, -1)))
+        k = attn.norm_k(attn.to_k(x_img).unflatten(-1, (attn.heads, -1)))
+        v = attn.to_v(x_img).unflatten(-1, (attn.heads, -1))
+        if x_txt is not None:
+            eq = attn.norm_added_q(attn.add_q_proj(x_txt).unflatten(-1, (attn.heads, -1)))
+            ek = attn.norm_added_k(attn.add_k_proj(x_txt).unflatten(-1, (attn.heads, -1)))
+            ev = attn.add_v_proj(x_txt).unflatten(-1, (attn.heads, -1))
+            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
+        q = apply_rotary_emb(q, self._rotary, sequence_dim=1)
+        k = apply_rotary_emb(k, self._rotary, sequence_dim=1)
+        if self._active():
+            q, k = q.detach(), k.detach()
+        if self._mode != "live":
+            q, k = self._taped(q), self._taped(k)
+            if q.shape[0] != v.shape[0]:
+                q, k = q.expand(v.shape[0], *q.shape[1:]), k.expand(v.shape[0], *k.shape[1:])
+        proc = attn.processor
+        out = dispatch_attention_fn(
+            q, k, v, attn_mask=None, backend=getattr(proc, "_attention_backend", None),
+            parallel_config=getattr(proc, "_parallel_config", None),
+        )
+        out = out.flatten(2, 3).to(q.dtype)
+        if x_txt is None:
+            return out, None
+        out_txt, out_img = out.split_with_sizes([x_txt.shape[1], out.shape[1] - x_txt.shape[1]], dim=1)
+        out_img = attn.to_out[1](attn.to_out[0](out_img.contiguous()))
+        return out_img, attn.to_add_out(out_txt.contiguous())
+
+    def _mlp_out(self, layer: int, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """MLP output as a constant, still attached to the graph so backward hooks fire.
+
+        In replay mode the MLP output is the override ``[B, P, d]`` for this layer.
+        """
+        if self._mode == "replay" and self._mlp_override is not None:
+            return self._mlp_override[:, layer]
+        return y.detach() + x * 0 if self._active() else y
+
+    # ---- blocks ---------------------------------------------------------------------------------
+    def _double(self, layer: int, block: Any, txt: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), (
+            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp
+        ) = self._double_mod[layer]
+        n_img = self._ln(block.norm1.norm, img) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        n_txt = self._ln(block.norm1_context.norm, txt) * (1 + c_scale_msa[:, None]) + c_shift_msa[:, None]
+        attn_img, attn_txt = self._attention(block.attn, n_img, n_txt)
+        img = img + gate_msa.unsqueeze(1) * attn_img
+        txt = txt + c_gate_msa.unsqueeze(1) * attn_txt
+        m_img = self._ln(block.norm2, img) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        m_txt = self._ln(block.norm2_context, txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        hooks = self.blocks[layer].mlp
+        x = hooks.hook_in(torch.cat([m_txt, m_img], dim=1))
+        m_txt, m_img = x[:, : self.n_txt], x[:, self.n_txt :]
+        y = torch.cat([block.ff_context(m_txt), block.ff(m_img)], dim=1)
+        y = hooks.hook_out(self._mlp_out(layer, y, x))
+        y_txt, y_img = y[:, : self.n_txt], y[:, self.n_txt :]
+        img = img + gate_mlp.unsqueeze(1) * y_img
+        txt = txt + c_gate_mlp.unsqueeze(1) * y_txt
+        return txt, img
+
+    def _single(self, layer: int, block: Any, h: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self._single_mod[layer - self.n_double]
+        hooks = self.blocks[layer].mlp
+        x = hooks.hook_in(self._ln(block.norm.norm, h) * (1 + scale[:, None]) + shift[:, None])
+        mlp_hidden = block.act_mlp(block.proj_mlp(x))
+        attn_out, _ = self._attention(block.attn, x, None)
+        exact = block.proj_out(torch.cat([attn_out, mlp_hidden], dim=2))
+        d_attn = attn_out.shape[-1]
+        w_attn, w_mlp = block.proj_out.weight[:, :d_attn], block.proj_out.weight[:, d_attn:]
+        y = hooks.hook_out(self._mlp_out(layer, F.linear(mlp_hidden, w_mlp), x))
+        if self._mode == "replay":
+            exact = F.linear(attn_out, w_attn, block.proj_out.bias) + y
+        elif self._active():
+            exact = _straight(exact, F.linear(attn_out, w_attn) + y)
+        return h + gate.unsqueeze(1) * exact
+
+    # ---- forward ------------------------------------------------------------------------------
+    def embed(self, batch: int = 1) -> torch.Tensor:
+        """``[batch, P, d]`` input embeddings (text then image), a leaf when grad is enabled."""
+        s = self.step_input
+        with torch.no_grad():
+            txt = self.flux.context_embedder(s.encoder_hidden_states)
+            img = self.flux.x_embedder(s.hidden_states)
+            h = torch.cat([txt, img], dim=1).expand(batch, -1, -1).contiguous()
+        return h.requires_grad_(torch.is_grad_enabled())
+
+    def forward(self, batch: int = 1, embed: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity ``[batch, n_img, C_out]``; ``embed`` overrides the input embeddings."""
+        h = self.hook_embed(self.embed(batch) if embed is None else embed)
+        txt, img = h[:, : self.n_txt], h[:, self.n_txt :]
+        for layer, block in enumerate(self.flux.transformer_blocks):
+            txt, img = self._double(layer, block, txt, img)
+        h = torch.cat([txt, img], dim=1)
+        for j, block in enumerate(self.flux.single_transformer_blocks):
+            h = self._single(self.n_double + j, block, h)
+        normed = self._ln(self.flux.norm_out.norm, h) * (1 + self._out_scale)[:, None, :] + self._out_shift[:, None, :]
+        normed = self.unembed.hook_pre(normed)
+        return self.flux.proj_out(normed[:, self.n_txt :])
+
+    # ---- record / replay (the affine model evaluated at other source values) ------------------
+    @torch.no_grad()
+    def record(self) -> dict[str, torch.Tensor]:
+        """Clean pass that tapes attention q/k and LayerNorm scales for :meth:`replay`.
+
+        Returns the clean cache: ``embed [P, d]``, ``mlp_in [L, P, d]``, ``mlp_out [L, P, d]``,
+        ``resid_final [P, d]`` (``unembed.hook_pre``) and ``velocity [n_img, C_out]``.
+        """
+        cache: dict[str, list[torch.Tensor]] = {"mlp_in": [], "mlp_out": []}
+        fwd = [("hook_embed", lambda t, hook: cache.__setitem__("embed", t[0].clone()))]
+        for layer in range(self.n_layers):
+            fwd.append((f"blocks.{layer}.mlp.hook_in", lambda t, hook: cache["mlp_in"].append(t[0].clone())))
+            fwd.append((f"blocks.{layer}.mlp.hook_out", lambda t, hook: cache["mlp_out"].append(t[0].clone())))
+        fwd.append(("unembed.hook_pre", lambda t, hook: cache.__setitem__("resid_final", t[0].clone())))
+        self._tape, self._mode = [], "record"
+        try:
+            with self.hooks(fwd_hooks=fwd):
+                velocity = self.forward(batch=1)
+        finally:
+            self._mode = "live"
+        return {
+            "embed": cache["embed"],  # type: ignore[dict-item]
+            "mlp_in": torch.stack(cache["mlp_in"]),
+            "mlp_out": torch.stack(cache["mlp_out"]),
+            "resid_final": cache["resid_final"],  # type: ignore[dict-item]
+            "velocity": velocity[0],
+        }
+
+    @torch.no_grad()
+    def replay(self, embed: torch.Tensor, mlp_out: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen (affine) model at other sources, in a batch.
+
+        Args:
+            embed: ``[B, P, d]`` input embeddings.
+            mlp_out: ``[B, L, P, d]`` every layer's MLP output (constants of the frozen model).
+
+        Returns:
+            ``mlp_in [B, L, P, d]``, ``resid_final [B, P, d]``, ``velocity [B, n_img, C_out]``.
+        """
+        if not self._tape:
+            raise RuntimeError("call record() on the clean step before replay()")
+        cache: dict[str, list[torch.Tensor]] = {"mlp_in": []}
+        fwd = [(f"blocks.{layer}.mlp.hook_in", lambda t, hook: cache["mlp_in"].append(t))
+               for layer in range(self.n_layers)]
+        fwd.append(("unembed.hook_pre", lambda t, hook: cache.__setitem__("resid_final", [t])))
+        self._mode, self._cursor, self._mlp_override = "replay", 0, mlp_out
+        try:
+            with self.hooks(fwd_hooks=fwd):
+                velocity = self.forward(batch=embed.shape[0], embed=embed)
+        finally:
+            self._mode, self._mlp_override = "live", None
+        return {
+            "mlp_in": torch.stack(cache["mlp_in"], dim=1),
+            "resid_final": cache["resid_final"][0],
+            "velocity": velocity,
+        }

@@ -1,0 +1,232 @@
+"""Checks that an attribution graph means what it says, all of which can fail.
+
+- :func:`source_perturbations`: remove each source node (feature, residue, error, input) from the
+  frozen replacement model and measure every row's change; for an affine model it must equal
+  minus that adjacency column;
+- :func:`conservation`: each row's incoming edges sum to the row's value minus its constant terms
+  (the value of the frozen model with every source removed);
+- :func:`ablation_spearman`: in the *unfrozen* model, ablate the top nodes and compare the measured
+  change of the target with the graph's predicted total effect (Spearman rank correlation).
+
+Node order follows circuit-tracer's layout: ``[selected features (incl. residue), errors
+(l * P + p), inputs (P), targets (K)]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from difract_ext.graphs.metadata import RESIDUE_FEATURE
+
+
+@dataclass
+class SourceLayout:
+    """Where each source node of a graph acts in the frozen model."""
+
+    n_feat: int
+    n_layers: int
+    n_pos: int
+    n_targets: int
+
+    @property
+    def n_sources(self) -> int:
+        return self.n_feat + (self.n_layers + 1) * self.n_pos
+
+
+def _layout(result: Any) -> SourceLayout:
+    g = result.graph
+    return SourceLayout(len(g.selected_features), result.meta.n_layers, result.meta.n_pos, len(g.logit_targets))
+
+
+def _feature_vectors(result: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n_feat, 2]`` (layer, pos) and ``[n_feat, d]`` decoder contribution of each feature node."""
+    g, c = result.graph, result.components
+    feats = g.active_features[g.selected_features]
+    n_active = c.n_active
+    out = torch.zeros(len(feats), c.decoder_vecs.shape[1], dtype=c.decoder_vecs.dtype)
+    real = g.selected_features < n_active
+    out[real] = c.decoder_vecs[g.selected_features[real]]
+    if bool((~real).any()):  # residue: all unexpanded features of that (layer, pos)
+        chosen = torch.zeros(n_active, dtype=torch.bool)
+        chosen[g.selected_features[real]] = True
+        af = c.features
+        for i in torch.nonzero(~real, as_tuple=True)[0].tolist():
+            layer, pos = int(feats[i, 0]), int(feats[i, 1])
+            mask = (~chosen) & (af[:, 0] == layer) & (af[:, 1] == pos)
+            out[i] = c.decoder_vecs[mask].sum(0)
+    return feats[:, :2], out
+
+
+def row_functionals(result: Any, mlp_in: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """``[B, n_feat + K]`` value (without constants) of every row: feature pre-activations
+    (``⟨mlp_in[l, p], encoder vector⟩``) then targets' functionals."""
+    g, c = result.graph, result.components
+    lay = _layout(result)
+    rows = torch.zeros(mlp_in.shape[0], lay.n_feat + lay.n_targets, dtype=mlp_in.dtype)
+    feats = g.active_features[g.selected_features]
+    real = g.selected_features < c.n_active
+    idx = torch.nonzero(real, as_tuple=True)[0]
+    if idx.numel():
+        enc = c.encoder_vecs[g.selected_features[idx]]
+        h = mlp_in[:, feats[idx, 0], feats[idx, 1]]  # [B, n, d]
+        rows[:, idx] = (h * enc).sum(-1)
+    for k, t in enumerate(result.targets):
+        rows[:, lay.n_feat + k] = t.functional(mlp_in, resid)
+    return rows
+
+
+def _perturbed_sources(result: Any, columns: torch.Tensor, clean: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings ``[B, P, d]`` and MLP outputs ``[B, L, P, d]`` with one source removed per row."""
+    lay = _layout(result)
+    c = result.components
+    b = len(columns)
+    embed = clean["embed"].expand(b, -1, -1).clone()
+    mlp_out = clean["mlp_out"].expand(b, -1, -1, -1).clone()
+    loc, dec = _feature_vectors(result)
+    for i, j in enumerate(columns.tolist()):
+        if j < lay.n_feat:
+            mlp_out[i, loc[j, 0], loc[j, 1]] -= dec[j]
+        elif j < lay.n_feat + lay.n_layers * lay.n_pos:
+            layer, pos = divmod(j - lay.n_feat, lay.n_pos)
+            mlp_out[i, layer, pos] -= c.error_vectors[layer, pos]
+        elif j < lay.n_sources:
+            embed[i, j - lay.n_feat - lay.n_layers * lay.n_pos] = 0
+        else:
+            raise IndexError(f"column {j} is a target, not a source")
+    return embed, mlp_out
+
+
+@torch.no_grad()
+def source_perturbations(result: Any, columns: torch.Tensor | None = None, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Measured vs predicted change of every row when each source column is removed.
+
+    Returns:
+        ``(measured, predicted)``, each ``[n_columns, n_feat + K]``; ``predicted = -A[rows, col]``.
+    """
+    model = result.model
+    lay = _layout(result)
+    cols = torch.arange(lay.n_sources) if columns is None else columns
+    clean = model.clean
+    base = row_functionals(result, clean["mlp_in"][None], clean["resid_final"][None])[0]
+    adj = result.graph.adjacency_matrix
+    row_ids = torch.cat([torch.arange(lay.n_feat), torch.arange(adj.shape[0] - lay.n_targets, adj.shape[0])])
+    measured = []
+    for s in range(0, len(cols), batch):
+        chunk = cols[s : s + batch]
+        embed, mlp_out = _perturbed_sources(result, chunk, clean)
+        out = model.frozen.replay(embed, mlp_out)
+        measured.append(row_functionals(result, out["mlp_in"], out["resid_final"]) - base)
+    predicted = -adj[row_ids][:, cols].T
+    return torch.cat(measured), predicted.to(base.dtype)
+
+
+@torch.no_grad()
+def conservation(result: Any) -> dict[str, float]:
+    """Σ incoming edges vs (row value − value with every source removed), per row.
+
+    Returns ``max_rel_error`` (relative to the sum of the magnitudes of every term compared:
+    edges, the row value and its constant), ``max_abs_error`` and the number of rows checked.
+    """
+    model = result.model
+    lay = _layout(result)
+    clean = model.clean
+    c = result.components
+    zero_embed = torch.zeros_like(clean["embed"])[None]
+    bias_only = c.bias[None].to(clean["mlp_out"].dtype)  # b_dec where a dictionary writes, else 0
+    empty = model.frozen.replay(zero_embed, bias_only)
+    full = row_functionals(result, clean["mlp_in"][None], clean["resid_final"][None])[0]
+    const = row_functionals(result, empty["mlp_in"], empty["resid_final"])[0]
+    adj = result.graph.adjacency_matrix
+    row_ids = torch.cat([torch.arange(lay.n_feat), torch.arange(adj.shape[0] - lay.n_targets, adj.shape[0])])
+    rows = adj[row_ids].to(full.dtype)
+    sums = rows.sum(-1)
+    # the floating-point scale of the comparison: every term that was summed
+    scale = (rows.abs().sum(-1) + full.abs() + const.abs()).clamp(min=1e-12)
+    err = (sums - (full - const)).abs()
+    real_rows = torch.ones(len(row_ids), dtype=torch.bool)
+    feats = result.graph.active_features[result.graph.selected_features]
+    real_rows[: lay.n_feat] = feats[:, 2] != RESIDUE_FEATURE  # residue rows are not expanded
+    return {
+        "max_rel_error": float((err / scale)[real_rows].max()),
+        "max_abs_error": float(err[real_rows].max()),
+        "rows": int(real_rows.sum()),
+    }
+
+
+def predicted_total_effects(result: Any, target: int = 0) -> torch.Tensor:
+    """Total effect of every node on target ``target`` through the graph: row of ``(I − A)^-1``."""
+    adj = result.graph.adjacency_matrix.double()
+    m = adj.shape[0]
+    e = torch.zeros(m, dtype=torch.float64)
+    e[m - len(result.graph.logit_targets) + target] = 1.0
+    # x = e (I - A)^-1  <=>  (I - A)^T x^T = e^T
+    return torch.linalg.solve((torch.eye(m, dtype=torch.float64) - adj).T, e).float()
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
+
+
+@torch.no_grad()
+def ablation_spearman(result: Any, top: int = 30, target: int = 0) -> dict[str, Any]:
+    """Ablate each of the ``top`` feature/error nodes by total effect in the **unfrozen** model.
+
+    The real transformer runs at the step with the node's contribution subtracted from its MLP
+    output (then everything downstream recomputes: attention, LayerNorms, MLPs). Measured change of
+    the target vs the graph's predicted total effect (minus it): Spearman rank correlation.
+    """
+    model = result.model
+    lay = _layout(result)
+    spec = result.targets[target]
+    if spec.kind == "feature":
+        raise NotImplementedError("unfrozen ablation is implemented for output targets")
+    effects = predicted_total_effects(result, target)
+    cand = torch.arange(lay.n_feat + lay.n_layers * lay.n_pos)
+    order = cand[effects[cand].abs().argsort(descending=True)][:top]
+    loc, dec = _feature_vectors(result)
+    tf = model.frozen.flux
+    kwargs = model.step.transformer_kwargs()
+    n_txt, n_double = model.frozen.n_txt, model.frozen.n_double
+    patches = torch.tensor(spec.info["patches"])
+    u, scale = spec.info["direction"], spec.info["scale"]
+
+    def target_of(velocity: torch.Tensor) -> float:
+        # the target as the real model computes it (constant terms cancel in differences)
+        return float(scale * (velocity[0, patches].to(u.dtype) * u).sum())
+
+    base = target_of(tf(**kwargs, return_dict=False)[0])
+    measured, predicted = [], []
+    for j in order.tolist():
+        if j < lay.n_feat:
+            layer, pos, vec = int(loc[j, 0]), int(loc[j, 1]), dec[j]
+        else:
+            layer, pos = divmod(j - lay.n_feat, lay.n_pos)
+            vec = result.components.error_vectors[layer, pos]
+        if layer >= n_double:  # the MLP columns enter through proj_out, before the gate
+            hook = tf.single_transformer_blocks[layer - n_double].proj_out.register_forward_hook(_ablate(pos, vec))
+        else:
+            module = tf.transformer_blocks[layer].ff_context if pos < n_txt else tf.transformer_blocks[layer].ff
+            local = pos if pos < n_txt else pos - n_txt
+            hook = module.register_forward_hook(_ablate(local, vec))
+        try:
+            measured.append(target_of(tf(**kwargs, return_dict=False)[0]) - base)
+        finally:
+            hook.remove()
+        predicted.append(-float(effects[j]))
+    m, p = torch.tensor(measured), torch.tensor(predicted)
+    return {"spearman": _spearman(m, p), "n": len(order), "measured": m, "predicted": p}
+
+
+def _ablate(pos: int, vec: torch.Tensor) -> Any:
+    def hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[:, pos] -= vec.to(out.dtype)
+        return out
+
+    return hook

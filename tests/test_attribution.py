@@ -1,0 +1,232 @@
+"""Attribution graphs of a FLUX step through circuit-tracer, checked against the frozen model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from circuit_tracer.graph import compute_graph_scores, prune_graph
+
+from difract_ext import Site, TimestepTranscoder, TimestepTranscoderConfig
+from difract_ext.adapters.attribution import attribute_step
+from difract_ext.flux.tiny import build_tiny_flux_pipeline
+from difract_ext.graphs.metadata import RESIDUE_FEATURE
+from difract_ext.replacement import validation as V
+from difract_ext.replacement.frozen import FrozenFlux
+from difract_ext.replacement.inputs import capture_step_input
+from difract_ext.replacement.targets import feature_target, output_target
+
+KW = dict(height=32, width=32, max_sequence_length=16)
+LEFT = [(r, c) for r in range(8) for c in range(4)]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_flux_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def step(pipe):
+    return capture_step_input(pipe, "a red circle on the left", step=1, seed=0, **KW)
+
+
+@pytest.fixture(scope="module")
+def dics(pipe):
+    torch.manual_seed(1)
+    width = pipe.transformer.inner_dim
+    out = {}
+    for layer in range(2):
+        for stream in ("img", "txt"):
+            if (layer, stream) == (1, "txt"):
+                continue  # an error-only stream
+            tc = TimestepTranscoder(TimestepTranscoderConfig(d_in=width, d_sae=24, d_out=width, d_t_embed=16))
+            with torch.no_grad():
+                tc.mod_linear.weight.normal_(0, 0.2)
+                tc.b_enc.normal_(-0.2, 0.3)
+            out[Site(layer, stream)] = tc
+    return out
+
+
+@pytest.fixture(scope="module")
+def direction():
+    return torch.randn(16, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def full(pipe, step, dics, direction):
+    targets = lambda m: [  # noqa: E731
+        output_target(m.frozen, LEFT, direction, kind="x0", label="x0·u @ left", weight=2.0),
+        output_target(m.frozen, "all", -direction, kind="velocity", label="v·-u @ all", weight=1.0),
+    ]
+    return attribute_step(pipe.transformer, step, dics, targets, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def budget(pipe, step, dics, direction):
+    targets = lambda m: [output_target(m.frozen, LEFT, direction, kind="x0", label="x0·u @ left")]  # noqa: E731
+    return attribute_step(pipe.transformer, step, dics, targets, batch_size=32, max_feature_nodes=40)
+
+
+# ---- the frozen replacement model --------------------------------------------------------------
+
+
+def test_frozen_model_reproduces_the_transformer(pipe, step) -> None:
+    real = pipe.transformer(**step.transformer_kwargs(), return_dict=False)[0]
+    assert torch.equal(real, step.output)
+    frozen = FrozenFlux(pipe.transformer, step)
+    with torch.no_grad():
+        assert torch.equal(frozen(), real)  # exact, fp32
+    with_grad = frozen(batch=2)  # freeze points only change gradients
+    assert torch.equal(with_grad[1:], real)
+    clean = frozen.record()
+    replayed = frozen.replay(clean["embed"][None], clean["mlp_out"][None])
+    # replay recomputes LayerNorm as (x - mean) / sigma instead of the fused kernel: 1e-6
+    torch.testing.assert_close(replayed["velocity"], real, rtol=0, atol=1e-6)
+    assert clean["mlp_in"].shape == (3, 80, 32)  # 2 double + 1 single layer, 16 txt + 64 img positions
+
+
+def test_frozen_model_is_affine_in_its_sources(pipe, step) -> None:
+    frozen = FrozenFlux(pipe.transformer, step)
+    clean = frozen.record()
+    gen = torch.Generator().manual_seed(0)
+    e1, e2 = (torch.randn(clean["embed"].shape, generator=gen) for _ in range(2))
+    m1, m2 = (torch.randn(clean["mlp_out"].shape, generator=gen) for _ in range(2))
+    out = frozen.replay(torch.stack([e1, e2, e1 + e2, 0 * e1]), torch.stack([m1, m2, m1 + m2, 0 * m1]))["velocity"]
+    torch.testing.assert_close(out[2] - out[3], (out[0] - out[3]) + (out[1] - out[3]), rtol=0, atol=1e-4)
+
+
+def test_freeze_points_detach_gradients(pipe, step) -> None:
+    frozen = FrozenFlux(pipe.transformer, step)
+    grads: dict[str, torch.Tensor] = {}
+    frozen.blocks[0].mlp.hook_out.add_hook(lambda g, hook: grads.__setitem__("out", g[0]), dir="bwd")
+    embed = frozen.embed(1)
+    frozen(embed=embed).sum().backward()
+    frozen.reset_hooks()
+    assert embed.grad is not None and "out" in grads
+    # the MLP is frozen: its output's gradient does not flow into its own input
+    x = frozen.embed(1)
+    cache = {}
+    frozen.blocks[0].mlp.hook_in.add_hook(lambda t, hook: cache.__setitem__("in", t))
+    frozen.blocks[0].mlp.hook_out.add_hook(lambda t, hook: cache.__setitem__("out", t))
+    frozen(embed=x)
+    frozen.reset_hooks()
+    (g,) = torch.autograd.grad(cache["out"].sum(), cache["in"], allow_unused=True)
+    assert g is None or float(g.abs().max()) == 0.0
+
+
+# ---- graphs ----------------------------------------------------------------------------------
+
+
+def test_graph_layout_and_nodes(full, step) -> None:
+    g, meta = full.graph, full.meta
+    n_layers, n_pos = 3, 80
+    assert meta.n_layers == n_layers and meta.n_pos == n_pos and meta.n_txt == 16 and meta.grid == (8, 8)
+    assert len(g.input_tokens) == n_pos
+    n_feat = len(g.selected_features)
+    assert g.adjacency_matrix.shape[0] == n_feat + (n_layers + 1) * n_pos + 2
+    assert full.n_residue == 0 and n_feat == full.components.n_active
+    feats = g.active_features
+    assert int(feats[:, 0].max()) < meta.n_double  # no features in single-stream blocks
+    # layer 1 has only the image stream: its feature ids are all < d_img, at image positions
+    l1 = feats[feats[:, 0] == 1]
+    assert (l1[:, 2] < meta.d_img[1]).all() and (l1[:, 1] >= meta.n_txt).all()
+    l0_txt = feats[(feats[:, 0] == 0) & (feats[:, 2] >= meta.d_img[0])]
+    assert (l0_txt[:, 1] < meta.n_txt).all()
+    assert meta.position_label(3) == 'txt 3 "on"' and meta.position_label(16 + 8 + 5) == "img r1c5"
+    assert [t.token_str for t in g.logit_targets] == ["x0·u @ left", "v·-u @ all"]
+    torch.testing.assert_close(g.logit_probabilities, torch.tensor([2 / 3, 1 / 3]))
+
+
+def test_every_edge_column_matches_a_perturbation(full) -> None:
+    measured, predicted = V.source_perturbations(full)
+    n_sources = full.graph.adjacency_matrix.shape[0] - 2
+    assert measured.shape == (n_sources, len(full.graph.selected_features) + 2)
+    scale = float(predicted.abs().max())
+    assert scale > 0.1
+    torch.testing.assert_close(measured, predicted, rtol=0, atol=1e-5 * scale)
+    # ...and the check can fail: a corrupted column is caught
+    bad = predicted.clone()
+    bad[5, -1] += 1e-3 * scale
+    assert float((measured - bad).abs().max()) > 1e-5 * scale
+
+
+def test_conservation(full, budget) -> None:
+    for result in (full, budget):
+        report = V.conservation(result)
+        assert report["max_rel_error"] <= 1e-5, report
+        assert report["rows"] >= 2
+
+
+def test_target_values_are_real(full, step, direction) -> None:
+    # the x0 target equals u · x0 over the left patches, x0 = x_t - t v from the real transformer
+    x0 = step.hidden_states[0] - step.t * step.output[0]
+    left = torch.tensor([r * 8 + c for r, c in LEFT])
+    expected = float((x0[left] * direction).sum())
+    assert float(full.target_values[0]) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_budget_residue_keeps_the_graph_exact(full, budget) -> None:
+    g = budget.graph
+    assert budget.n_residue > 0
+    feats = g.active_features[g.selected_features]
+    residue = feats[:, 2] == RESIDUE_FEATURE
+    assert int(residue.sum()) == budget.n_residue and int((~residue).sum()) == 40
+    # residue rows are not expanded; error and input columns agree with the full graph
+    n_feat = len(g.selected_features)
+    adj, full_adj = g.adjacency_matrix, full.graph.adjacency_matrix
+    assert float(adj[torch.nonzero(residue, as_tuple=True)[0]].abs().max()) == 0.0
+    full_feat = len(full.graph.selected_features)
+    torch.testing.assert_close(adj[-1, n_feat:-1], full_adj[-2, full_feat:-2], rtol=0, atol=1e-5)
+    # residue + explored features carry exactly what all features carry
+    torch.testing.assert_close(adj[-1, :n_feat].sum(), full_adj[-2, :full_feat].sum(), rtol=1e-5, atol=1e-5)
+    measured, predicted = V.source_perturbations(budget)
+    torch.testing.assert_close(measured, predicted, rtol=0, atol=1e-5 * float(predicted.abs().max()))
+
+
+def test_feature_target(pipe, step, dics) -> None:
+    site = Site(0, "img")
+    probe = attribute_step(pipe.transformer, step, dics,
+                           lambda m: [output_target(m.frozen, "all", torch.ones(16))], batch_size=64)
+    feats = probe.components.features
+    img0 = feats[(feats[:, 0] == 0) & (feats[:, 2] < probe.meta.d_img[0])]
+    feature = int(img0[0, 2])
+    pos = img0[img0[:, 2] == feature][:, 1].tolist()
+    result = attribute_step(
+        pipe.transformer, step, dics, lambda m: [feature_target(m.frozen, dics, site, feature, positions=pos)],
+        batch_size=64,
+    )
+    # the target's value is the feature's pre-activation summed over its active positions
+    pre = probe.components.pre_activations[(feats[:, 0] == 0) & (feats[:, 2] == feature)]
+    assert float(result.target_values[0]) == pytest.approx(float(pre.sum()), rel=1e-5)
+    assert V.conservation(result)["max_rel_error"] <= 1e-5
+    # nothing at or after layer 0 can feed a layer-0 feature: only inputs and nothing else
+    row = result.graph.adjacency_matrix[-1]
+    n_feat = len(result.graph.selected_features)
+    assert float(row[:n_feat].abs().max()) == 0.0
+
+
+def test_scores_and_unfrozen_validation(full) -> None:
+    replacement, completeness = compute_graph_scores(full.graph)
+    assert 0.0 < replacement <= 1.0 and 0.0 < completeness <= 1.0
+    pruned = prune_graph(full.graph, node_threshold=0.8, edge_threshold=0.98)
+    assert 0 < int(pruned.node_mask.sum()) < full.graph.adjacency_matrix.shape[0]
+    report = V.ablation_spearman(full, top=15)
+    assert report["n"] == 15
+    assert report["spearman"] > 0.5, report  # the linear graph predicts the real model's ranking
+
+
+def test_target_errors(pipe, step, dics, direction) -> None:
+    frozen = FrozenFlux(pipe.transformer, step)
+    with pytest.raises(ValueError, match=r"patches \[\(9, 0\)\] outside the 8x8 patch grid"):
+        output_target(frozen, [(9, 0)], direction)
+    with pytest.raises(ValueError, match="expected \\[16\\]"):
+        output_target(frozen, LEFT, torch.ones(5))
+    with pytest.raises(ValueError, match="kind must be"):
+        output_target(frozen, LEFT, direction, kind="logit")
+    with pytest.raises(ValueError, match="feature 99 outside 0..23"):
+        feature_target(frozen, dics, Site(0, "img"), 99)
+    with pytest.raises(ValueError, match="positions must be img positions in 16..79"):
+        feature_target(frozen, dics, Site(0, "img"), 1, positions=[2])
+    with pytest.raises(ValueError, match="step 5 out of range"):
+        capture_step_input(pipe, "a cat", step=5, **KW)
+    with pytest.raises(ValueError, match="at least one target"):
+        attribute_step(pipe.transformer, step, dics, [])

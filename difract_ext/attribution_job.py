@@ -1,0 +1,208 @@
+"""One attribution job: capture a step, attribute targets, validate, write graph files.
+
+This is what ``difract attribute`` runs; every step is an ordinary function, importable from Python.
+
+Target specs (``--target``), several allowed, each optionally weighted with ``=W``:
+
+- ``x0:red@left`` / ``velocity:#ff8800@top``: the predicted clean latent (or velocity) over a
+  region (``all``, ``left``, ``right``, ``top``, ``bottom``) projected on a colour's direction in
+  latent space (palette names of the shapes world, or ``#rrggbb``);
+- ``feature:1.img.123`` / ``feature:0.txt.7@all``: a transcoder feature's pre-activation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difract_ext.atomic import atomic_write_json
+from difract_ext.flux.directions import colour_directions, region_patches
+from difract_ext.flux.sites import Site, check_stream
+
+logger = logging.getLogger(__name__)
+
+_OUTPUT = re.compile(r"^(?P<kind>x0|velocity):(?P<what>#[0-9a-fA-F]{6}|[a-z]+)@(?P<region>[a-z]+)(=(?P<w>[0-9.eE+-]+))?$")
+_FEATURE = re.compile(r"^feature:(?P<layer>\d+)\.(?P<stream>[a-z]+)\.(?P<index>\d+)(@all)?(=(?P<w>[0-9.eE+-]+))?$")
+
+
+@dataclass(frozen=True)
+class TargetRequest:
+    """A parsed ``--target``: ``kind`` is ``x0``, ``velocity`` or ``feature``."""
+
+    kind: str
+    weight: float = 1.0
+    colour: str | None = None
+    region: str = "all"
+    site: Site | None = None
+    feature: int | None = None
+    text: str = ""
+
+
+def parse_target(spec: str) -> TargetRequest:
+    """Parse a target spec (see the module docstring).
+
+    Raises:
+        ValueError: naming the spec and the accepted forms.
+    """
+    spec = spec.strip()
+    m = _OUTPUT.match(spec)
+    if m:
+        return TargetRequest(kind=m["kind"], weight=float(m["w"] or 1.0), colour=m["what"],
+                             region=m["region"], text=spec)
+    m = _FEATURE.match(spec)
+    if m:
+        return TargetRequest(kind="feature", weight=float(m["w"] or 1.0),
+                             site=Site(int(m["layer"]), check_stream(m["stream"])), feature=int(m["index"]),
+                             text=spec)
+    raise ValueError(
+        f"cannot parse target {spec!r}; use KIND:COLOUR@REGION (KIND x0|velocity, COLOUR a palette "
+        "name or #rrggbb, REGION all|left|right|top|bottom), e.g. x0:red@left, or "
+        "feature:LAYER.STREAM.INDEX, e.g. feature:1.img.123; append =W to weight it"
+    )
+
+
+def _rgb(colour: str, palette: Mapping[str, Any]) -> tuple[int, int, int]:
+    if colour.startswith("#"):
+        return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+    if colour not in palette:
+        raise ValueError(f"unknown colour {colour!r}; use one of {sorted(palette)} or #rrggbb")
+    return tuple(palette[colour])  # type: ignore[return-value]
+
+
+def build_targets(
+    requests: list[TargetRequest], pipeline: Any, dictionaries: Mapping[Site, Any], palette: Mapping[str, Any]
+) -> Callable[[Any], list[Any]]:
+    """A ``model -> [TargetSpec]`` factory for :func:`~difract_ext.adapters.attribution.attribute_step`."""
+    from difract_ext.replacement.targets import feature_target, output_target
+
+    colours = {r.colour for r in requests if r.colour}
+    named = {c: _rgb(c, palette) for c in colours}
+    reference = {**{k: tuple(v) for k, v in palette.items()}, **named}  # directions relative to the palette
+    directions = colour_directions(pipeline, reference) if named else {}
+    for r in requests:
+        if r.kind == "feature" and r.site not in dictionaries:
+            raise ValueError(f"target {r.text!r}: no transcoder at layer {r.site.layer} stream {r.site.stream!r}")
+
+    def make(model: Any) -> list[Any]:
+        specs = []
+        for r in requests:
+            if r.kind == "feature":
+                specs.append(feature_target(model.frozen, dictionaries, r.site, r.feature, weight=r.weight,  # type: ignore[arg-type]
+                                            label=r.text))
+            else:
+                patches = region_patches(r.region, model.step.grid)
+                specs.append(output_target(model.frozen, patches, directions[r.colour], kind=r.kind,
+                                           label=r.text, weight=r.weight))
+        return specs
+
+    return make
+
+
+def load_dictionaries(path: str | Path) -> dict[Site, Any]:
+    """Transcoders from a folder: SAELens sub-folders (``cfg.json``) or DifFRACT ``.pt`` files."""
+    from sae_lens import SAE
+
+    from difract_ext.adapters.checkpoints import load_difract_dir
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such transcoder folder")
+    out: dict[Site, Any] = {}
+    for cfg in sorted(path.glob("**/cfg.json")):
+        dic = SAE.load_from_disk(cfg.parent)
+        if type(dic).__name__ != "TimestepTranscoder":
+            continue
+        md = dic.cfg.metadata
+        if md.layer is None or md.stream is None:
+            raise ValueError(f"{cfg.parent}: metadata names no layer/stream")
+        out[Site(int(md.layer), md.stream)] = dic
+    if not out:
+        out = {Site(layer, stream): d for (stream, layer), d in load_difract_dir(path).items()}
+    return out
+
+
+def run_attribution(
+    pipeline: Any,
+    prompt: str,
+    step: int,
+    targets: list[str],
+    dictionaries: Mapping[Site, Any],
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    num_inference_steps: int = 4,
+    palette: Mapping[str, Any] | None = None,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 256,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    validate: bool = True,
+    **call: Any,
+) -> dict[str, Any]:
+    """Capture ``step`` of ``prompt``, attribute ``targets``, validate and write graph files.
+
+    Returns a report (also written as ``{out_dir}/{slug}.report.json``): slug, graph path,
+    node counts, replacement/completeness scores, conservation error, unfrozen ablation Spearman.
+    """
+    from circuit_tracer.graph import compute_graph_scores
+
+    from difract_ext.adapters.attribution import attribute_step
+    from difract_ext.graphs.files import write_graph_files
+    from difract_ext.replacement import validation
+    from difract_ext.replacement.inputs import capture_step_input
+
+    requests = [parse_target(t) for t in targets]
+    if not requests:
+        raise ValueError("give at least one --target")
+    if palette is None:
+        from difract_ext.toy.world import COLORS
+
+        palette = COLORS
+    make = build_targets(requests, pipeline, dictionaries, palette)
+    captured = capture_step_input(pipeline, prompt, step, seed=seed, num_inference_steps=num_inference_steps, **call)
+    result = attribute_step(pipeline.transformer, captured, dictionaries, make,
+                            max_feature_nodes=max_feature_nodes, batch_size=batch_size)
+    replacement, completeness = compute_graph_scores(result.graph)
+    report: dict[str, Any] = {
+        "prompt": prompt, "seed": seed, "step": step, "timestep": captured.t,
+        "targets": [t.label for t in result.targets],
+        "target_values": [float(v) for v in result.target_values],
+        "n_active_features": result.components.n_active,
+        "n_feature_nodes": len(result.graph.selected_features) - result.n_residue,
+        "n_residue_nodes": result.n_residue,
+        "replacement_score": float(replacement), "completeness_score": float(completeness),
+    }
+    if validate:
+        report["conservation"] = validation.conservation(result)
+        if result.targets[0].kind != "feature":
+            abl = validation.ablation_spearman(result, top=min(30, len(result.graph.selected_features)))
+            report["unfrozen_ablation_spearman"] = abl["spearman"]
+            report["unfrozen_ablation_nodes"] = abl["n"]
+    image = _final_image(pipeline, prompt, seed, num_inference_steps, call)
+    slug = _slug(prompt, seed, step, targets)
+    path = write_graph_files(result.graph, result.meta, out_dir, slug, node_threshold=node_threshold,
+                             edge_threshold=edge_threshold, image=image)
+    report["slug"], report["graph_file"] = slug, str(path)
+    atomic_write_json(Path(out_dir) / f"{slug}.report.json", report)
+    logger.info("graph %s: %s", slug, json.dumps({k: report[k] for k in ("replacement_score", "completeness_score")}))
+    return report
+
+
+@torch.no_grad()
+def _final_image(pipeline: Any, prompt: str, seed: int, steps: int, call: dict[str, Any]) -> Any:
+    out = pipeline(prompt, num_inference_steps=steps, generator=torch.Generator(pipeline.device).manual_seed(seed),
+                   output_type="np", **call)
+    return out.images[0]
+
+
+def _slug(prompt: str, seed: int, step: int, targets: list[str]) -> str:
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40]
+    tgt = re.sub(r"[^a-z0-9]+", "-", "-".join(targets).lower()).strip("-")[:30]
+    return f"{words}-s{seed}-step{step}-{tgt}"

@@ -1,0 +1,384 @@
+"""Graph files for circuit-tracer's frontend, for attribution graphs of one FLUX denoising step.
+
+``write_graph_files`` follows circuit-tracer's ``create_graph_files`` and reuses its pieces
+(``prune_graph``, ``create_nodes``, ``create_used_nodes_and_edges``, the pydantic models of
+``frontend.graph_models``); it replaces only what assumes a language model:
+
+- position labels come from :meth:`GraphMeta.position_label` (``'txt 3 "cat"'``, ``'img r2c5'``)
+  instead of a Hugging Face tokenizer;
+- input (embedding) nodes without a kept edge are dropped, and ``ctx_idx`` is compacted to the
+  positions that still carry nodes (ascending true position: text, then image patches row-major);
+  the true position stays in ``metadata.prompt_tokens`` and ``metadata.positions``;
+- the targets get their own last column, labelled ``targets``;
+- error nodes get the fixed ``{layer}_-1_{pos}`` id (circuit-tracer issue #78), and
+  unexplored-feature residue nodes (feature id :data:`RESIDUE_FEATURE`) their own
+  ``feature_type`` (:data:`RESIDUE_FEATURE_TYPE`) and id ``{layer}_-2_{pos}``;
+- features are labelled by stream, layer and index in their stream's dictionary
+  (``"img L1 #123"``), targets as ``Output "label" (p=w)``, the form the UI parses.
+
+All ids use the *true* position, so they stay stable when pruning changes. The metadata also
+carries the run (prompt, seed, step, timestep, grid) and, when given, the generated image as a
+PNG beside the JSON (``{slug}.png``), which the patched frontend (``assets/difract``) shows with
+a patch heatmap. ``graph-metadata.json`` is updated under a lock with an atomic replace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from difract_ext.atomic import atomic_write_bytes, atomic_write_json
+from difract_ext.graphs.metadata import RESIDUE_FEATURE, GraphMeta
+
+if TYPE_CHECKING:
+    from circuit_tracer.frontend.graph_models import Node
+    from circuit_tracer.graph import Graph
+    from PIL.Image import Image
+
+logger = logging.getLogger(__name__)
+
+#: ``feature_type`` of unexplored-feature residue nodes (the patched UI draws them as ▲).
+RESIDUE_FEATURE_TYPE = "unexplored feature residue"
+#: ``feature_type`` circuit-tracer uses for transcoder features.
+FEATURE_TYPE = "cross layer transcoder"
+#: ``feature_type`` circuit-tracer uses for error nodes.
+ERROR_FEATURE_TYPE = "mlp reconstruction error"
+#: Label of the extra column that holds the target nodes.
+TARGET_COLUMN_LABEL = "targets"
+#: Name of the index file the frontend reads first.
+GRAPH_METADATA_FILE = "graph-metadata.json"
+
+_SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def validate_slug(slug: str) -> str:
+    """Return ``slug`` if it is a safe file stem (letters, digits, ``._-``), else raise."""
+    if not _SLUG_RE.match(slug) or ".." in slug:
+        raise ValueError(
+            f"slug {slug!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
+            "start with a letter or digit and not contain '..'"
+        )
+    return slug
+
+
+def feature_label(meta: GraphMeta, layer: int, feature: int) -> str:
+    """``"img L1 #123"`` / ``"txt L0 #45"`` (index inside its stream's dictionary)."""
+    stream = meta.feature_stream(layer, feature)
+    return f"{stream} L{layer} #{meta.stream_feature_index(layer, feature)}"
+
+
+def target_label(label: str) -> str:
+    """A target label the UI can parse out of ``Output "label" (p=...)``: no double quotes."""
+    return label.replace('"', "'").replace("\n", " ")
+
+
+def title_prefix(meta: GraphMeta) -> str:
+    """``"step 3/4 · t=0.750 · seed 0 ·"``: shown before the prompt in the graph selector."""
+    steps = f"/{meta.num_inference_steps}" if meta.num_inference_steps else ""
+    return f"step {meta.step}{steps} · t={meta.timestep:.3f} · seed {meta.seed} ·"
+
+
+def image_png_bytes(image: Image | np.ndarray, max_side: int | None = 512) -> bytes:
+    """Encode a PIL image or an ``(H, W[, C])`` array (uint8, or float in ``[0, 1]``) as PNG.
+
+    Images larger than ``max_side`` are downscaled (aspect kept) to keep graph folders small.
+    """
+    from PIL import Image as PILImage
+
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+            arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        pil = PILImage.fromarray(arr)
+    else:
+        pil = image
+    if pil.mode not in ("RGB", "RGBA", "L"):
+        pil = pil.convert("RGB")
+    if max_side is not None and max(pil.size) > max_side:
+        scale = max_side / max(pil.size)
+        size = (max(1, round(pil.size[0] * scale)), max(1, round(pil.size[1] * scale)))
+        pil = pil.resize(size, PILImage.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _check_layout(graph: Graph, meta: GraphMeta) -> None:
+    if graph.n_pos != meta.n_pos:
+        raise ValueError(f"graph has {graph.n_pos} positions, GraphMeta describes {meta.n_pos}")
+    if graph.cfg.n_layers != meta.n_layers:
+        raise ValueError(f"graph has {graph.cfg.n_layers} layers, GraphMeta {meta.n_layers}")
+    n_targets = len(graph.logit_targets)
+    if meta.target_labels and len(meta.target_labels) != n_targets:
+        raise ValueError(f"{len(meta.target_labels)} target labels for {n_targets} targets")
+
+
+def _relabel_nodes(graph: Graph, meta: GraphMeta, nodes: dict[int, Node]) -> dict[int, Node]:
+    """Rewrite circuit-tracer's LLM-style nodes into difract ids, types and labels.
+
+    Returns a new dict keyed by adjacency index (``create_used_nodes_and_edges`` builds the
+    links from these ids). ``ctx_idx`` still holds the true position here.
+    """
+    n_features = len(graph.selected_features)
+    error_end = n_features + graph.n_pos * graph.cfg.n_layers
+    token_end = error_end + graph.n_pos
+    out: dict[int, Node] = {}
+    for idx, node in nodes.items():
+        if idx < n_features:
+            layer, pos, feat = (int(v) for v in graph.active_features[graph.selected_features[idx]])
+            if feat == RESIDUE_FEATURE:
+                node = node.model_copy(
+                    update={
+                        "node_id": f"{layer}_{RESIDUE_FEATURE}_{pos}",
+                        "jsNodeId": f"{layer}_{RESIDUE_FEATURE}-{pos}",
+                        "feature": RESIDUE_FEATURE,
+                        "feature_type": RESIDUE_FEATURE_TYPE,
+                        "clerp": f"Residue: unexplored features ({meta.layer_label(layer)}, "
+                        f"{meta.position_label(pos)})",
+                    }
+                )
+            else:
+                node = node.model_copy(update={"clerp": feature_label(meta, layer, feat)})
+        elif idx < error_end:
+            layer, pos = divmod(idx - n_features, graph.n_pos)
+            node = node.model_copy(
+                update={
+                    "node_id": f"{layer}_-1_{pos}",
+                    "jsNodeId": f"{layer}_-1-{pos}",
+                    "clerp": f"Err: {meta.layer_label(layer)}, {meta.position_label(pos)}",
+                }
+            )
+        elif idx < token_end:
+            pos = idx - error_end
+            node = node.model_copy(update={"clerp": f"Emb: {meta.position_label(pos)}"})
+        else:
+            k = idx - token_end
+            label = meta.target_labels[k] if meta.target_labels else graph.logit_targets[k][0]
+            prob = float(graph.logit_probabilities[k])
+            node = node.model_copy(
+                update={"clerp": f'Output "{target_label(label)}" (p={prob:.3f})'}
+            )
+        out[idx] = node
+    return out
+
+
+def _true_position(node: Node) -> int | None:
+    return None if node.feature_type == "logit" else node.ctx_idx
+
+
+def _positions_block(meta: GraphMeta, kept: list[int]) -> list[dict[str, Any]]:
+    block = []
+    for p in kept:
+        kind, a, b = meta.position_kind(p)
+        entry: dict[str, Any] = {"pos": p, "kind": kind, "label": meta.position_label(p)}
+        if kind == "img":
+            entry.update(row=a, col=b)
+        else:
+            entry.update(token=a)
+        block.append(entry)
+    block.append({"pos": None, "kind": "targets", "label": TARGET_COLUMN_LABEL})
+    return block
+
+
+def build_graph_json(
+    graph: Graph,
+    meta: GraphMeta,
+    slug: str,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    scan: str | None = None,
+    image_file: str | None = None,
+) -> dict[str, Any]:
+    """The graph JSON (``{metadata, qParams, nodes, links}``) as a dict; see module docstring.
+
+    Args:
+        graph: circuit-tracer graph in the standard layout (any device; not modified).
+        meta: what the graph is about (positions, layers, run).
+        slug: file stem and id of the graph.
+        node_threshold: cumulative influence kept by node pruning (also the UI slider's max).
+        edge_threshold: cumulative influence kept by edge pruning.
+        scan: transcoder-set name for feature files (``{data}/features/{scan}/{id}.json``);
+            defaults to ``meta.model_name``.
+        image_file: name of the image file beside the JSON, if any.
+
+    Returns:
+        A JSON-serialisable dict that circuit-tracer's ``frontend.graph_models.Model`` parses.
+    """
+    from circuit_tracer.frontend.graph_models import Metadata, Model, QParams
+    from circuit_tracer.graph import prune_graph
+    from circuit_tracer.utils.create_graph_files import create_nodes, create_used_nodes_and_edges
+
+    validate_slug(slug)
+    _check_layout(graph, meta)
+    work = copy.copy(graph)  # shallow: moving tensors to the CPU must not touch the caller's
+    work.to("cpu")
+    node_mask, edge_mask, cumulative = (
+        t.cpu() for t in prune_graph(work, node_threshold, edge_threshold)
+    )
+    nodes = _relabel_nodes(work, meta, create_nodes(work, node_mask, None, cumulative))
+    used_nodes, used_edges = create_used_nodes_and_edges(work, nodes, edge_mask)
+
+    connected = {e["source"] for e in used_edges} | {e["target"] for e in used_edges}
+    dropped = [
+        n for n in used_nodes if n.feature_type == "embedding" and n.node_id not in connected
+    ]
+    used_nodes = [n for n in used_nodes if n.feature_type != "embedding" or n.node_id in connected]
+    kept = sorted({p for n in used_nodes if (p := _true_position(n)) is not None})
+    column = {p: i for i, p in enumerate(kept)}
+    target_column = len(kept)
+    used_nodes = [
+        n.model_copy(
+            update={"ctx_idx": target_column if n.feature_type == "logit" else column[n.ctx_idx]}
+        )
+        for n in used_nodes
+    ]
+    logger.info(
+        "graph %s: %d nodes, %d links, %d of %d positions shown, %d unconnected inputs dropped",
+        slug,
+        len(used_nodes),
+        len(used_edges),
+        len(kept),
+        meta.n_pos,
+        len(dropped),
+    )
+
+    metadata = Metadata(
+        slug=slug,
+        scan=scan or meta.model_name,
+        transcoder_list=[],
+        prompt_tokens=[meta.position_label(p) for p in kept] + [TARGET_COLUMN_LABEL],
+        prompt=meta.prompt,
+        node_threshold=node_threshold,
+        schema_version=1,
+    )
+    qparams = QParams(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
+    model = Model(metadata=metadata, qParams=qparams, nodes=used_nodes, links=used_edges)
+    data = model.model_dump()
+    data["metadata"].update(
+        title_prefix=title_prefix(meta),
+        model_name=meta.model_name,
+        step=meta.step,
+        num_inference_steps=meta.num_inference_steps,
+        timestep=meta.timestep,
+        seed=meta.seed,
+        grid=list(meta.grid),
+        n_txt=meta.n_txt,
+        n_double=meta.n_double,
+        n_layers=meta.n_layers,
+        height=meta.height,
+        width=meta.width,
+        target_labels=list(meta.target_labels),
+        edge_threshold=edge_threshold,
+        image=image_file,
+        positions=_positions_block(meta, kept),
+        extra=meta.extra,
+    )
+    return data
+
+
+def write_graph_files(
+    graph: Graph,
+    meta: GraphMeta,
+    out_dir: str | Path,
+    slug: str,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    image: Image | np.ndarray | None = None,
+    scan: str | None = None,
+    image_max_side: int | None = 512,
+) -> Path:
+    """Prune ``graph`` and write ``{out_dir}/{slug}.json`` (+ ``{slug}.png``) for the frontend.
+
+    Also upserts the graph's entry in ``{out_dir}/graph-metadata.json``. Every file is written
+    atomically; serve the folder with :func:`difract_ext.graphs.server.serve`.
+
+    Args:
+        graph: circuit-tracer graph (standard layout, see :mod:`difract_ext.graphs.metadata`).
+        meta: positions, layers and the run the graph belongs to.
+        out_dir: the data folder (created if missing).
+        slug: file stem / id (letters, digits, ``._-``).
+        node_threshold: node pruning threshold (circuit-tracer's default 0.8).
+        edge_threshold: edge pruning threshold (circuit-tracer's default 0.98).
+        image: the generated image (PIL image or ``(H, W, C)`` array), shown by the frontend.
+        scan: transcoder-set name used to look up feature files; defaults to the model name.
+        image_max_side: downscale the stored PNG to at most this many pixels per side.
+
+    Returns:
+        The path of the graph JSON.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    validate_slug(slug)
+    image_file = None
+    if image is not None:
+        image_file = f"{slug}.png"
+        atomic_write_bytes(out / image_file, image_png_bytes(image, image_max_side))
+    data = build_graph_json(graph, meta, slug, node_threshold, edge_threshold, scan, image_file)
+    path = out / f"{slug}.json"
+    atomic_write_bytes(path, json.dumps(data, separators=(",", ":")).encode())
+    upsert_graph_metadata(out, graph_metadata_entry(data["metadata"]))
+    logger.info("graph files written: %s", path)
+    return path
+
+
+def graph_metadata_entry(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The ``graph-metadata.json`` entry of a graph: its metadata without ``positions``/``extra``.
+
+    It still parses as circuit-tracer's ``frontend.graph_models.Metadata``.
+    """
+    return {k: v for k, v in metadata.items() if k not in ("positions", "extra")}
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (a lock file beside the guarded one)."""
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def read_graph_metadata(out_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``graph-metadata.json`` of ``out_dir`` (``{"graphs": []}`` when missing)."""
+    path = Path(out_dir) / GRAPH_METADATA_FILE
+    if not path.exists():
+        return {"graphs": []}
+    data = json.loads(path.read_text())
+    graphs = data.get("graphs") if isinstance(data, dict) else None
+    if not isinstance(graphs, list):
+        raise ValueError(f"{path} is not a graph index ({{'graphs': [...]}})")  # noqa: TRY004
+    return data
+
+
+def upsert_graph_metadata(out_dir: str | Path, entry: dict[str, Any]) -> Path:
+    """Insert or replace (by ``slug``) one graph's entry in ``graph-metadata.json``.
+
+    Like circuit-tracer's ``frontend.utils.add_graph_metadata`` (same file format), but
+    concurrent writers are serialised by a lock file and the file is replaced atomically, so a
+    crash never leaves a truncated index.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = validate_slug(str(entry["slug"]))
+    path = out / GRAPH_METADATA_FILE
+    with _locked(out / f".{GRAPH_METADATA_FILE}.lock"):
+        index = read_graph_metadata(out)
+        index["graphs"] = [g for g in index["graphs"] if g.get("slug") != slug] + [entry]
+        atomic_write_json(path, index)
+    return path

@@ -1,0 +1,151 @@
+"""A small synthetic FLUX-style attribution graph, for tests and for trying the frontend.
+
+The graph follows the standard layout (:mod:`difract_ext.graphs.metadata`): double-stream layers
+carry image- and text-stream features (and one unexplored-feature residue node each), every layer
+has error nodes, inputs are one per position, and the targets sit on top. Edges only go from a
+lower level (inputs < layer 0 < layer 1 < ... < targets) to a higher one, so the adjacency is a DAG.
+A few positions take no part at all, so they disappear from the written graph.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from difract_ext.graphs.metadata import RESIDUE_FEATURE, GraphMeta
+
+if TYPE_CHECKING:
+    from circuit_tracer.graph import Graph
+
+SYNTHETIC_VOCAB = 1000
+
+
+def synthetic_graph(
+    seed: int = 0,
+    grid: tuple[int, int] = (3, 3),
+    n_txt: int = 4,
+    n_double: int = 2,
+    n_layers: int = 3,
+    features_per_layer: int = 6,
+    n_targets: int = 2,
+    dead_positions: tuple[int, ...] = (3, 12),
+) -> tuple[Graph, GraphMeta]:
+    """A random layered graph and its ``GraphMeta``.
+
+    Args:
+        seed: numpy seed of the structure and weights.
+        grid: image patch grid ``(rows, cols)``.
+        n_txt: number of text positions (placed first).
+        n_double: double-stream layers (with features); the rest are single-stream (errors only).
+        n_layers: all transformer layers of the graph.
+        features_per_layer: features per double layer (half image, half text stream), plus one
+            residue node per layer.
+        n_targets: number of targets.
+        dead_positions: positions whose input and error nodes get no edge (never shown).
+
+    Returns:
+        ``(graph, meta)``: a ``circuit_tracer.graph.Graph`` and the matching ``GraphMeta``.
+    """
+    from circuit_tracer.attribution.targets import LogitTarget
+    from circuit_tracer.graph import Graph
+    from circuit_tracer.utils.tl_nnsight_mapping import UnifiedConfig
+
+    rng = np.random.default_rng(seed)
+    n_pos = n_txt + grid[0] * grid[1]
+    d_img = {layer: 100 for layer in range(n_double)}
+    text_tokens = [f"tok{i}" for i in range(n_txt)]
+    if n_txt >= 4:
+        text_tokens[:4] = ["a", "red", "circle", "</s>"]
+    meta = GraphMeta(
+        prompt="a red circle",
+        seed=seed,
+        step=2,
+        timestep=0.625,
+        num_inference_steps=4,
+        n_txt=n_txt,
+        grid=grid,
+        text_tokens=text_tokens,
+        n_double=n_double,
+        n_layers=n_layers,
+        d_img=d_img,
+        target_labels=[f"v·u{k} @ r{k}c{k}" for k in range(n_targets)],
+        model_name="synthetic-flux",
+        height=16 * grid[0],
+        width=16 * grid[1],
+    )
+
+    live = [p for p in range(n_pos) if p not in dead_positions]
+    feats: list[tuple[int, int, int]] = []
+    for layer in range(n_double):
+        for i in range(features_per_layer):
+            is_img = i % 2 == 0
+            pos = int(rng.choice([p for p in live if (p >= n_txt) == is_img]))
+            feat = int(rng.integers(0, 100)) + (0 if is_img else d_img[layer])
+            feats.append((layer, pos, feat))
+        feats.append((layer, int(rng.choice([p for p in live if p >= n_txt])), RESIDUE_FEATURE))
+    feats = list(dict.fromkeys(feats))  # unique (layer, pos, feature)
+    n_feat = len(feats)
+    n_err = n_layers * n_pos
+    m = n_feat + n_err + n_pos + n_targets
+
+    level = np.zeros(m, dtype=int)  # inputs 0, layer l -> l + 1, targets n_layers + 1
+    level[:n_feat] = [f[0] + 1 for f in feats]
+    level[n_feat : n_feat + n_err] = np.repeat(np.arange(n_layers), n_pos) + 1
+    level[n_feat + n_err + n_pos :] = n_layers + 1
+    adj = np.zeros((m, m), dtype=np.float32)
+    for tgt in range(m):
+        sources = np.flatnonzero(level < level[tgt])
+        if level[tgt] == 0 or sources.size == 0:
+            continue
+        chosen = rng.choice(sources, size=min(6, sources.size), replace=False)
+        adj[tgt, chosen] = rng.normal(0.0, 1.0, size=chosen.size)
+    inputs = n_feat + n_err
+    for p in dead_positions:  # no input or error node at a dead position takes part
+        for node in [inputs + p] + [n_feat + layer * n_pos + p for layer in range(n_layers)]:
+            adj[:, node] = 0.0
+            adj[node, :] = 0.0
+    for i, f in enumerate(feats):  # residue nodes: strong direct effect on the first target
+        if f[2] == RESIDUE_FEATURE:
+            adj[m - n_targets, i] = 4.0
+
+    probs = rng.dirichlet(np.ones(n_targets)).astype(np.float32)
+    cfg = UnifiedConfig(
+        n_layers=n_layers,
+        d_model=8,
+        d_head=4,
+        n_heads=2,
+        d_mlp=16,
+        d_vocab=SYNTHETIC_VOCAB,
+        tokenizer_name="none",
+        model_name="synthetic-flux",
+        original_architecture="FluxTransformer2DModel",
+    )
+    graph = Graph(
+        input_string=meta.prompt,
+        input_tokens=torch.arange(n_pos),
+        active_features=torch.tensor(feats, dtype=torch.long),
+        adjacency_matrix=torch.from_numpy(adj),
+        cfg=cfg,
+        selected_features=torch.arange(n_feat),
+        activation_values=torch.from_numpy(rng.uniform(0.5, 3.0, n_feat).astype(np.float32)),
+        logit_targets=[
+            LogitTarget(token_str=label, vocab_idx=SYNTHETIC_VOCAB + k)
+            for k, label in enumerate(meta.target_labels)
+        ],
+        logit_probabilities=torch.from_numpy(probs),
+        scan="synthetic-flux",
+        vocab_size=SYNTHETIC_VOCAB,
+    )
+    return graph, meta
+
+
+def synthetic_image(grid: tuple[int, int] = (3, 3), patch_px: int = 32) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 test image: a red disc on a blue-green gradient."""
+    h, w = grid[0] * patch_px, grid[1] * patch_px
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([0.2 + 0.3 * xx / w, 0.5 * yy / h + 0.2, 0.8 - 0.4 * xx / w], axis=-1)
+    disc = (yy - h * 0.45) ** 2 + (xx - w * 0.55) ** 2 < (min(h, w) * 0.28) ** 2
+    img[disc] = (0.9, 0.1, 0.1)
+    return (img * 255).round().astype(np.uint8)

@@ -1,0 +1,93 @@
+"""`difract attribute`'s job: target specs, dictionary folders, and the whole run on a tiny FLUX."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from difract_ext import Site, TimestepTranscoder, TimestepTranscoderConfig, save_difract_checkpoint
+from difract_ext.attribution_job import load_dictionaries, parse_target, run_attribution
+from difract_ext.flux.directions import colour_directions, region_patches
+from difract_ext.flux.sites import dictionary_metadata
+from difract_ext.flux.tiny import build_tiny_flux_pipeline
+
+KW = dict(height=32, width=32, max_sequence_length=16)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_flux_pipeline(seed=0)
+
+
+def make_dics(width: int) -> dict[Site, TimestepTranscoder]:
+    torch.manual_seed(2)
+    out = {}
+    for layer in range(2):
+        for stream in ("img", "txt"):
+            site = Site(layer, stream)
+            tc = TimestepTranscoder(TimestepTranscoderConfig(
+                d_in=width, d_sae=24, d_out=width, d_t_embed=16,
+                metadata=dictionary_metadata(site, "transcoder", model_name="tiny")))
+            with torch.no_grad():
+                tc.b_enc.normal_(-0.2, 0.3)
+            out[site] = tc
+    return out
+
+
+def test_parse_targets() -> None:
+    t = parse_target("x0:red@left")
+    assert (t.kind, t.colour, t.region, t.weight) == ("x0", "red", "left", 1.0)
+    t = parse_target("velocity:#ff8800@top=2.5")
+    assert (t.kind, t.colour, t.region, t.weight) == ("velocity", "#ff8800", "top", 2.5)
+    t = parse_target("feature:1.img.123")
+    assert (t.kind, t.site, t.feature) == ("feature", Site(1, "img"), 123)
+    for bad in ["x0:red", "logit:red@left", "feature:1.vid.3", "x0:red@left=abc"]:
+        with pytest.raises(ValueError):
+            parse_target(bad)
+
+
+def test_regions_and_colour_directions(pipe) -> None:
+    assert len(region_patches("left", (8, 8))) == 32 and (0, 3) in region_patches("left", (8, 8))
+    assert (7, 7) in region_patches("bottom", (8, 8)) and (0, 0) not in region_patches("bottom", (8, 8))
+    with pytest.raises(ValueError, match="unknown region"):
+        region_patches("middle", (8, 8))
+    dirs = colour_directions(pipe, {"red": (220, 30, 30), "blue": (40, 80, 240), "green": (30, 200, 50)})
+    assert set(dirs) == {"red", "blue", "green"}
+    for v in dirs.values():
+        assert v.shape == (16,) and float(v.norm()) == pytest.approx(1.0, abs=1e-5)
+    assert not torch.allclose(dirs["red"], dirs["blue"])
+
+
+def test_load_dictionaries_both_layouts(pipe, tmp_path: Path) -> None:
+    dics = make_dics(pipe.transformer.inner_dim)
+    for site, tc in dics.items():
+        tc.save_model(tmp_path / "saelens" / f"{site.stream}_{site.layer}")
+        save_difract_checkpoint(tc, tmp_path / "pt" / f"transcoder_{site.stream}_{site.layer}.pt")
+    a = load_dictionaries(tmp_path / "saelens")
+    b = load_dictionaries(tmp_path / "pt")
+    assert sorted(a) == sorted(b) == sorted(dics)
+    x = torch.randn(5, pipe.transformer.inner_dim)
+    assert torch.equal(a[Site(1, "txt")](x, t=0.5), dics[Site(1, "txt")](x, t=0.5))
+    with pytest.raises(FileNotFoundError):
+        load_dictionaries(tmp_path / "nope")
+
+
+def test_run_attribution_end_to_end(pipe, tmp_path: Path) -> None:
+    dics = make_dics(pipe.transformer.inner_dim)
+    report = run_attribution(
+        pipe, "a red circle on the left", step=1, targets=["x0:red@left", "x0:blue@right=0.5"],
+        dictionaries=dics, out_dir=tmp_path, seed=0, num_inference_steps=4, batch_size=64, **KW,
+    )
+    assert report["conservation"]["max_rel_error"] <= 1e-5
+    assert 0 < report["replacement_score"] <= 1 and 0 < report["completeness_score"] <= 1
+    assert -1 <= report["unfrozen_ablation_spearman"] <= 1
+    assert report["timestep"] == 0.75 and report["targets"] == ["x0:red@left", "x0:blue@right=0.5"]
+    graph = json.loads(Path(report["graph_file"]).read_text())
+    assert graph["metadata"]["slug"] == report["slug"]
+    assert graph["nodes"] and graph["links"]
+    saved = json.loads((tmp_path / f"{report['slug']}.report.json").read_text())
+    assert saved["n_active_features"] == report["n_active_features"]
+    assert (tmp_path / "graph-metadata.json").exists()

@@ -1,0 +1,317 @@
+"""Graph files for circuit-tracer's frontend (difract_ext.graphs.files) and their server."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from circuit_tracer.frontend.graph_models import Metadata, Model
+from PIL import Image
+
+from difract_ext import atomic
+from difract_ext.graphs.files import (
+    ERROR_FEATURE_TYPE,
+    FEATURE_TYPE,
+    RESIDUE_FEATURE_TYPE,
+    TARGET_COLUMN_LABEL,
+    image_png_bytes,
+    read_graph_metadata,
+    upsert_graph_metadata,
+    write_graph_files,
+)
+from difract_ext.graphs.metadata import RESIDUE_FEATURE
+from difract_ext.graphs.server import safe_resolve, serve
+from difract_ext.graphs.synthetic import synthetic_graph, synthetic_image
+
+SLUG = "synthetic-step2"
+DEAD = (3, 12)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], Any, Any]:
+    out = tmp_path_factory.mktemp("graphs")
+    graph, meta = synthetic_graph(seed=0, dead_positions=DEAD)
+    path = write_graph_files(graph, meta, out, SLUG, image=synthetic_image(meta.grid))
+    return out, json.loads(path.read_text()), graph, meta
+
+
+def _true_pos(node: dict[str, Any]) -> int:
+    return int(node["node_id"].rsplit("_", 1)[1])
+
+
+def test_json_parses_with_circuit_tracer_models(written):
+    out, data, _, _ = written
+    model = Model.model_validate(data)
+    assert model.metadata.slug == SLUG and model.metadata.schema_version == 1
+    assert len(model.nodes) == len(data["nodes"]) > 0
+    index = json.loads((out / "graph-metadata.json").read_text())
+    for entry in index["graphs"]:
+        Metadata.model_validate(entry)
+
+
+def test_links_reference_existing_unique_nodes(written):
+    _, data, _, _ = written
+    ids = [n["node_id"] for n in data["nodes"]]
+    js_ids = [n["jsNodeId"] for n in data["nodes"]]
+    assert len(set(ids)) == len(ids) and len(set(js_ids)) == len(js_ids)
+    assert data["links"]
+    for link in data["links"]:
+        assert link["source"] in ids and link["target"] in ids
+        assert np.isfinite(link["weight"])
+
+
+def test_positions_compacted_and_labelled(written):
+    _, data, _, meta = written
+    md = data["metadata"]
+    tokens, positions = md["prompt_tokens"], md["positions"]
+    assert len(tokens) == len(positions) and tokens[-1] == TARGET_COLUMN_LABEL
+    shown = [p["pos"] for p in positions[:-1]]
+    assert shown == sorted(shown) and not set(shown) & set(DEAD)
+    for label, p in zip(tokens[:-1], positions[:-1], strict=True):
+        assert label == meta.position_label(p["pos"]) == p["label"]
+        if p["pos"] < meta.n_txt:
+            assert p["kind"] == "txt" and label.startswith(f"txt {p['pos']} ")
+        else:
+            r, c = divmod(p["pos"] - meta.n_txt, meta.grid[1])
+            assert p["kind"] == "img" and (p["row"], p["col"]) == (r, c)
+            assert label == f"img r{r}c{c}"
+    assert any(p["kind"] == "txt" for p in positions) and any(p["kind"] == "img" for p in positions)
+    # every column carries a node; targets sit in the last column; ids keep the true position
+    used = {n["ctx_idx"] for n in data["nodes"]}
+    assert used == set(range(len(tokens)))
+    for n in data["nodes"]:
+        if n["feature_type"] == "logit":
+            assert n["ctx_idx"] == len(tokens) - 1
+        else:
+            assert positions[n["ctx_idx"]]["pos"] == _true_pos(n)
+
+
+def test_error_residue_and_input_nodes_are_distinct(written):
+    _, data, graph, _ = written
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for n in data["nodes"]:
+        by_type.setdefault(n["feature_type"], []).append(n)
+    assert {FEATURE_TYPE, ERROR_FEATURE_TYPE, RESIDUE_FEATURE_TYPE, "embedding", "logit"} <= set(
+        by_type
+    )
+    for n in by_type[ERROR_FEATURE_TYPE]:  # circuit-tracer issue #78: "{layer}_-1_{pos}"
+        layer, pos = n["layer"], _true_pos(n)
+        assert re.fullmatch(r"\d+_-1_\d+", n["node_id"]) and n["feature"] == -1
+        assert n["node_id"] == f"{layer}_-1_{pos}" and n["jsNodeId"] == f"{layer}_-1-{pos}"
+        assert n["clerp"].startswith("Err: ")
+    for n in by_type[RESIDUE_FEATURE_TYPE]:
+        assert re.fullmatch(rf"\d+_{RESIDUE_FEATURE}_\d+", n["node_id"])
+        assert n["feature"] == RESIDUE_FEATURE
+        assert n["clerp"].startswith("Residue: unexplored features")
+    n_residue = int((graph.active_features[:, 2] == RESIDUE_FEATURE).sum())
+    assert 0 < len(by_type[RESIDUE_FEATURE_TYPE]) <= n_residue
+    for n in by_type["embedding"]:
+        assert re.fullmatch(r"E_\d+_\d+", n["node_id"]) and n["clerp"].startswith("Emb: ")
+
+
+def test_feature_and_target_labels(written):
+    _, data, graph, meta = written
+    for n in data["nodes"]:
+        if n["feature_type"] == FEATURE_TYPE:
+            layer, feat, _ = (int(v) for v in n["node_id"].split("_"))
+            stream = "img" if feat < meta.d_img[layer] else "txt"
+            index = feat if stream == "img" else feat - meta.d_img[layer]
+            assert n["clerp"] == f"{stream} L{layer} #{index}"
+            assert n["activation"] is not None and n["influence"] is not None
+    logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    assert len(logits) == len(meta.target_labels)
+    for k, n in enumerate(logits):
+        # the UI reads the token between the first quotes and the number after "(p="
+        assert n["clerp"].split('"')[1] == meta.target_labels[k]
+        p = float(n["clerp"].split("(p=")[1].split(")")[0])
+        assert p == pytest.approx(float(graph.logit_probabilities[k]), abs=1e-3)
+    assert logits[0]["is_target_logit"] and not logits[1]["is_target_logit"]
+
+
+def test_unconnected_inputs_dropped(written):
+    _, data, _, _ = written
+    linked = {e["source"] for e in data["links"]} | {e["target"] for e in data["links"]}
+    embeddings = [n for n in data["nodes"] if n["feature_type"] == "embedding"]
+    assert embeddings and all(n["node_id"] in linked for n in embeddings)
+    assert not {_true_pos(n) for n in embeddings} & set(DEAD)
+
+
+def test_metadata_fields_and_image(written):
+    out, data, _, meta = written
+    md = data["metadata"]
+    assert md["prompt"] == meta.prompt and md["step"] == meta.step and md["seed"] == meta.seed
+    assert md["timestep"] == meta.timestep and md["grid"] == list(meta.grid)
+    assert md["num_inference_steps"] == meta.num_inference_steps
+    assert md["node_threshold"] == 0.8 and md["title_prefix"].startswith("step 2/4 · t=0.625")
+    assert md["image"] == f"{SLUG}.png"
+    with Image.open(out / md["image"]) as im:
+        assert im.format == "PNG" and im.size == (96, 96)
+    entry = read_graph_metadata(out)["graphs"][0]
+    assert entry["slug"] == SLUG and entry["timestep"] == meta.timestep
+    assert "positions" not in entry
+
+
+def test_graph_not_modified_and_bad_input_refused(tmp_path):
+    graph, meta = synthetic_graph(seed=1)
+    before = graph.adjacency_matrix.clone()
+    write_graph_files(graph, meta, tmp_path, "g1")
+    assert graph.adjacency_matrix.equal(before)
+    with pytest.raises(ValueError, match="slug"):
+        write_graph_files(graph, meta, tmp_path, "../evil")
+    meta.grid = (2, 2)
+    with pytest.raises(ValueError, match="positions"):
+        write_graph_files(graph, meta, tmp_path, "g2")
+
+
+def test_image_encodings():
+    arr = synthetic_image((2, 3), patch_px=8)
+    for img in (arr, arr.astype(np.float32) / 255.0, np.moveaxis(arr, -1, 0), Image.fromarray(arr)):
+        with Image.open(io.BytesIO(image_png_bytes(img))) as im:
+            assert im.size == (24, 16)
+    with Image.open(io.BytesIO(image_png_bytes(arr, max_side=12))) as im:
+        assert im.size == (12, 8)
+
+
+def test_graph_metadata_upsert_is_atomic_and_serialised(tmp_path, monkeypatch):
+    base = {"scan": "s", "transcoder_list": [], "prompt_tokens": [], "prompt": "p"}
+    upsert_graph_metadata(tmp_path, {**base, "slug": "a", "step": 0})
+    upsert_graph_metadata(tmp_path, {**base, "slug": "b", "step": 1})
+    upsert_graph_metadata(tmp_path, {**base, "slug": "a", "step": 5})
+    graphs = read_graph_metadata(tmp_path)["graphs"]
+    assert sorted((g["slug"], g["step"]) for g in graphs) == [("a", 5), ("b", 1)]
+
+    threads = [
+        threading.Thread(target=upsert_graph_metadata, args=(tmp_path, {**base, "slug": f"t{i}"}))
+        for i in range(16)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    slugs = {g["slug"] for g in read_graph_metadata(tmp_path)["graphs"]}
+    assert slugs == {"a", "b"} | {f"t{i}" for i in range(16)}
+
+    path = tmp_path / "graph-metadata.json"
+    before = path.read_bytes()
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        upsert_graph_metadata(tmp_path, {**base, "slug": "c"})
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+# --- server --------------------------------------------------------------------------------
+
+
+def _raw_get(port: int, target: str, host: str = "127.0.0.1") -> tuple[int, bytes]:
+    """Send a raw HTTP request (no client-side normalisation); return (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {target} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode("latin-1"))
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def _raw_post(port: int, target: str, body: bytes, ctype: str = "application/json") -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(
+            f"POST {target} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        return int(s.recv(65536).split(b" ")[1])
+
+
+@pytest.fixture(scope="module")
+def server(written, tmp_path_factory):
+    out = written[0]
+    secret = tmp_path_factory.mktemp("outside") / "secret.txt"
+    secret.write_text("TOP SECRET")
+    (out / "escape").symlink_to(secret.parent, target_is_directory=True)
+    (out / "escape.json").symlink_to(secret)
+    srv = serve(out)
+    yield srv, secret
+    srv.stop()
+
+
+def test_server_serves_frontend_and_data(server, written):
+    srv, _ = server
+    assert srv.httpd.server_address[0] == "127.0.0.1" and srv.url.startswith("http://127.0.0.1:")
+    status, body = _raw_get(srv.port, "/")
+    assert status == 200 and b"vendor/d3/d3.min.js" in body and b"https://" not in body
+    assert _raw_get(srv.port, "/vendor/d3/d3.min.js")[0] == 200
+    assert _raw_get(srv.port, "/difract/difract-image.js")[0] == 200
+    status, body = _raw_get(srv.port, "/data/graph-metadata.json")
+    assert status == 200 and json.loads(body)["graphs"][0]["slug"] == SLUG
+    status, body = _raw_get(srv.port, f"/graph_data/{SLUG}.json?x=1")
+    assert status == 200 and json.loads(body)["metadata"]["slug"] == SLUG
+    status, body = _raw_get(srv.port, f"/graph_data/{SLUG}.png")
+    assert status == 200 and body.startswith(b"\x89PNG")
+    assert _raw_get(srv.port, "/data/")[0] == 404  # no listings
+    assert _raw_get(srv.port, "/", host="evil.example")[0] == 403
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/data/../../../../etc/passwd",
+        "/data/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/graph_data/..%2f..%2f..%2f..%2fetc%2fpasswd",
+        "/data/%252e%252e/%252e%252e/etc/passwd",
+        "/data//etc/passwd",
+        "/data/%2fetc%2fpasswd",
+        "/data/..\\..\\etc\\passwd",
+        "/data/%00/etc/passwd",
+        "/features/../../../../etc/passwd",
+        "/../../../../etc/passwd",
+        "/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/attribution_graph/../../../../../../etc/passwd",
+        "/data/escape/secret.txt",
+        "/data/escape.json",
+        "/data/%ff%fe",
+    ],
+)
+def test_server_refuses_paths_outside_its_folders(server, target):
+    srv, _ = server
+    status, body = _raw_get(srv.port, target)
+    assert status in (400, 403, 404)
+    assert b"root:" not in body and b"TOP SECRET" not in body
+
+
+def test_safe_resolve(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f.json").write_text("{}")
+    assert safe_resolve(tmp_path, "a/f.json") == (tmp_path / "a" / "f.json").resolve()
+    for bad in ("../x", "a/../../x", "/etc/passwd", "a\\f.json", "c:x", "a/\x00"):
+        assert safe_resolve(tmp_path, bad) is None
+
+
+def test_save_graph_route(server, written):
+    srv, _ = server
+    out = written[0]
+    body = json.dumps({"qParams": {"pinnedIds": "x", "supernodes": []}}).encode()
+    assert _raw_post(srv.port, "/save_graph/..%2f..%2fevil", body) == 404
+    assert _raw_post(srv.port, "/save_graph/escape", body) == 404
+    assert _raw_post(srv.port, f"/save_graph/{SLUG}", body, ctype="text/plain") == 415
+    assert _raw_post(srv.port, f"/save_graph/{SLUG}", body) == 200
+    saved = json.loads((out / f"{SLUG}.json").read_text())
+    assert saved["qParams"]["pinnedIds"] == "x" and saved["nodes"]
+
+
+def test_serve_refuses_non_loopback(tmp_path):
+    with pytest.raises(ValueError, match="127.0.0.1"):
+        serve(tmp_path, host="0.0.0.0")

@@ -62,7 +62,27 @@ class FluxAttributionContext(AttributionContext):
     feature_totals: torch.Tensor  # [L, P, d]: Σ a W_dec over all active features at (l, p)
 
     def _make_attribution_hooks(self, feature_output_hook: str) -> list[tuple[str, Any]]:
-        hooks = super()._make_attribution_hooks(feature_output_hook)
+        """Feature, error and input hooks as circuit-tracer's, plus the residue totals.
+
+        Feature edges are contracted per position with one batched matmul over zero-padded
+        decoder blocks ``[U, n_max, d]`` instead of gathering ``[B, nnz, d]`` gradients.
+        """
+        n_pos = self.activation_matrix.shape[1]
+        hooks: list[tuple[str, Any]] = []
+        layers, positions = self.decoder_locations
+        for layer in range(self.n_layers):
+            mask = layers == layer
+            if bool(mask.any()):
+                hooks.append((f"blocks.{layer}.{feature_output_hook}",
+                              self._feature_hook(positions[mask], self.decoder_vecs[mask],
+                                                 torch.nonzero(mask, as_tuple=True)[0])))
+        offset = self.activation_matrix._nnz()
+        for layer in range(self.n_layers):
+            start = offset + layer * n_pos
+            hooks.append(self._compute_score_hook(f"blocks.{layer}.{feature_output_hook}", self.error_vectors[layer],
+                                                  write_index=slice(start, start + n_pos)))
+        start = offset + self.n_layers * n_pos
+        hooks.append(self._compute_score_hook("hook_embed", self.token_vectors, write_index=slice(start, start + n_pos)))
         proxy = weakref.proxy(self)
 
         def totals(grads: torch.Tensor, hook: Any, *, layer: int) -> None:
@@ -72,6 +92,25 @@ class FluxAttributionContext(AttributionContext):
         for layer in range(self.n_layers):
             hooks.append((f"blocks.{layer}.{feature_output_hook}", partial(totals, layer=layer)))
         return hooks
+
+    def _feature_hook(self, positions: torch.Tensor, vecs: torch.Tensor, rows: torch.Tensor) -> Any:
+        uniq, slot_of = torch.unique(positions, return_inverse=True)
+        counts = torch.bincount(slot_of, minlength=len(uniq))
+        order = torch.argsort(slot_of, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(slot_of)
+        rank[order] = torch.arange(len(slot_of)) - starts[slot_of[order]]
+        padded = torch.zeros(len(uniq), int(counts.max()), vecs.shape[1], dtype=vecs.dtype)
+        padded[slot_of, rank] = vecs
+        padded_t = padded.transpose(1, 2).contiguous()  # [U, d, n_max]
+        proxy = weakref.proxy(self)
+
+        def hook(grads: torch.Tensor, hook: Any) -> None:
+            g = grads[:, uniq].to(vecs.dtype).transpose(0, 1)  # [U, B, d]
+            out = torch.bmm(g, padded_t)  # [U, B, n_max]
+            proxy._batch_buffer[rows] += out[slot_of, :, rank]
+
+        return hook
 
     def compute_batch(
         self,

@@ -1,0 +1,148 @@
+"""The shapes-world FLUX model: its configuration, a random build, and the shipped weights.
+
+The shipped model is a real ``diffusers.FluxPipeline`` at toy size (see :func:`shapes_config`):
+a ``FluxTransformer2DModel`` with 4 double-stream and 2 single-stream blocks (4 heads × 32,
+~3.0 M parameters), a 2-level ``AutoencoderKL`` (32×32 RGB ↔ 4×16×16 latents, so 8×8 = 64
+packed image tokens of 16 channels), a frozen random ``CLIPTextModel`` (pooled 64-d) and
+``T5EncoderModel`` (64-d states, 16 tokens) with locally built word-level tokenizers, and a
+schnell-style flow-matching Euler scheduler. Call it with :data:`SHAPES_CALL_DEFAULTS`
+(4 steps, no guidance): the transformer then receives ``timestep`` = 1.0, 0.75, 0.5, 0.25.
+
+Example::
+
+    from difract_ext.toy import load_shapes_pipeline, SHAPES_CALL_DEFAULTS
+    pipe = load_shapes_pipeline()
+    out = pipe(["a red circle on the left"], output_type="np", **SHAPES_CALL_DEFAULTS)
+    out.images  # float [1, 32, 32, 3] in [0, 1]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+
+from difract_ext.flux.tiny import TinyFluxConfig, build_tiny_flux_pipeline
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SHAPES_CALL_DEFAULTS",
+    "SHAPES_MAX_SEQUENCE_LENGTH",
+    "build_shapes_pipeline",
+    "generate_images",
+    "load_shapes_pipeline",
+    "shapes_config",
+    "shapes_pipeline_path",
+    "shapes_vocabulary",
+]
+
+SHAPES_MAX_SEQUENCE_LENGTH = 16
+"""T5 tokens per prompt: the longest prompt has 13 words + ``</s>``."""
+
+SHAPES_CALL_DEFAULTS: dict = dict(
+    height=32, width=32, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=SHAPES_MAX_SEQUENCE_LENGTH
+)
+"""Keyword arguments to pass to the shapes pipeline's ``__call__`` (schnell-style sampling)."""
+
+
+def shapes_vocabulary() -> tuple[str, ...]:
+    """Every word of the shapes-world prompt grammar, sorted."""
+    from difract_ext.toy.world import all_prompts
+
+    words = {w for n in (1, 2) for p in all_prompts(n) for w in p.split()}
+    return tuple(sorted(words))
+
+
+def shapes_config() -> TinyFluxConfig:
+    """Sizes of the shapes model (VAE scaling/shift are placeholders until trained)."""
+    return TinyFluxConfig(
+        words=shapes_vocabulary(),
+        max_sequence_length=SHAPES_MAX_SEQUENCE_LENGTH,
+        clip_max_length=SHAPES_MAX_SEQUENCE_LENGTH,
+        num_layers=4,
+        num_single_layers=2,
+        num_attention_heads=4,
+        attention_head_dim=32,
+        axes_dims_rope=(8, 12, 12),
+        t5_dim=64,
+        t5_layers=2,
+        t5_heads=4,
+        t5_ff=128,
+        t5_local_offsets=(-1, 1, -3, 3),
+        clip_dim=64,
+        clip_layers=2,
+        clip_heads=4,
+        clip_ff=128,
+        vae_block_out_channels=(32, 64),
+        vae_layers_per_block=1,
+        vae_latent_channels=4,
+        vae_norm_num_groups=32,
+        vae_mid_attention=False,
+    )
+
+
+def build_shapes_pipeline(seed: int = 0) -> FluxPipeline:
+    """The shapes model with random weights (the starting point of training)."""
+    return build_tiny_flux_pipeline(shapes_config(), seed=seed)
+
+
+def shapes_pipeline_path() -> Path:
+    """Folder of the shipped, trained pipeline (a ``FluxPipeline.save_pretrained`` folder)."""
+    return Path(__file__).resolve().parent / "weights" / "shapes-flux"
+
+
+def load_shapes_pipeline(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | Path | None = None
+) -> FluxPipeline:
+    """Load the shipped shapes pipeline offline.
+
+    Args:
+        device: where to put every component.
+        dtype: parameter dtype (weights are stored in float32).
+        path: another ``save_pretrained`` folder (default: :func:`shapes_pipeline_path`).
+
+    Returns:
+        a ``FluxPipeline`` with the progress bar disabled; call it with
+        ``**SHAPES_CALL_DEFAULTS``.
+
+    Raises:
+        FileNotFoundError: if the folder has no ``model_index.json``.
+    """
+    folder = Path(path) if path is not None else shapes_pipeline_path()
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"no FluxPipeline at {folder} (missing model_index.json)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    pipe = FluxPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate_images(
+    pipe: FluxPipeline, prompts: list[str], seeds: list[int], batch_size: int = 64, **call_kwargs
+) -> np.ndarray:
+    """Generate one image per (prompt, seed) with the pipeline's own sampling loop.
+
+    Each image uses its own ``torch.Generator().manual_seed(seed)`` so results do not depend on
+    batching. Keyword arguments override :data:`SHAPES_CALL_DEFAULTS`.
+
+    Returns:
+        float32 ``[N, H, W, 3]`` in [0, 1].
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    kw = {**SHAPES_CALL_DEFAULTS, **call_kwargs}
+    device = pipe.transformer.device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ps, ss = prompts[i : i + batch_size], seeds[i : i + batch_size]
+        gens = [torch.Generator(device=device).manual_seed(int(s)) for s in ss]
+        res = pipe(prompt=list(ps), generator=gens, output_type="np", **kw)
+        out.append(np.asarray(res.images, dtype=np.float32))
+    return np.concatenate(out, axis=0) if out else np.zeros((0, kw["height"], kw["width"], 3), np.float32)

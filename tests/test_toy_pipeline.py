@@ -1,0 +1,97 @@
+"""The shipped shapes-world FLUX pipeline: offline loading, schnell sampling, prompt adherence."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import FluxPipeline  # noqa: E402
+
+from difract_ext.toy import SHAPES_CALL_DEFAULTS, load_shapes_pipeline, shapes_pipeline_path  # noqa: E402
+from difract_ext.toy.analyzer import score  # noqa: E402
+from difract_ext.toy.pipeline import generate_images  # noqa: E402
+from difract_ext.toy.world import split_prompts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe() -> FluxPipeline:
+    torch.set_num_threads(2)
+    return load_shapes_pipeline()
+
+
+def test_shipped_folder_is_small_safetensors():
+    root = shapes_pipeline_path()
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert (root / "model_index.json").is_file()
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+
+
+def test_components_and_schnell_timesteps(pipe):
+    cfg = pipe.transformer.config
+    assert (cfg.num_layers, cfg.num_single_layers, cfg.guidance_embeds) == (4, 2, False)
+    assert pipe.scheduler.config.use_dynamic_shifting is False and pipe.scheduler.config.shift == 1.0
+    seen: list[float] = []
+    h = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(float(k["timestep"][0])), with_kwargs=True
+    )
+    try:
+        out = pipe("a red circle on the left", generator=torch.Generator().manual_seed(0), output_type="np", **SHAPES_CALL_DEFAULTS)
+    finally:
+        h.remove()
+    assert out.images.shape == (1, 32, 32, 3)
+    assert seen == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_from_pretrained_matches_loader(pipe):
+    plain = FluxPipeline.from_pretrained(str(shapes_pipeline_path()), local_files_only=True)
+    plain.set_progress_bar_config(disable=True)
+    kw = dict(output_type="np", **SHAPES_CALL_DEFAULTS)
+    a = pipe("a blue square at the top", generator=torch.Generator().manual_seed(5), **kw).images
+    b = plain("a blue square at the top", generator=torch.Generator().manual_seed(5), **kw).images
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_every_vocabulary_word_is_one_token(pipe):
+    from difract_ext.toy.pipeline import shapes_vocabulary
+
+    for w in shapes_vocabulary():
+        assert pipe.tokenizer.tokenize(w) == [w + "</w>"]
+        assert pipe.tokenizer_2.convert_ids_to_tokens(pipe.tokenizer_2(w).input_ids) == [w, "</s>"]
+
+
+def test_single_object_adherence_on_held_out_prompts(pipe):
+    """Held-out prompts, fresh seeds: nearly every image must be exactly right."""
+    _, held = split_prompts(1)
+    prompts = held[:8]
+    seeds = [11, 12]
+    ps = [p for p in prompts for _ in seeds]
+    images = generate_images(pipe, ps, [s for _ in prompts for s in seeds])
+    ok = [score(img, p).fully_correct for img, p in zip(images, ps)]
+    assert sum(ok) >= len(ok) - 1, [p for p, good in zip(ps, ok) if not good]
+
+
+def test_two_object_adherence_on_held_out_prompts(pipe):
+    """Held-out two-object prompts: most images right (the benchmark measures ~99%)."""
+    _, held = split_prompts(2)
+    prompts = held[::23][:8]
+    images = generate_images(pipe, prompts, [21] * len(prompts))
+    ok = [score(img, p).fully_correct for img, p in zip(images, prompts)]
+    assert sum(ok) >= 6, [p for p, good in zip(prompts, ok) if not good]
+
+
+def test_prompt_controls_the_image(pipe):
+    """Same seed, different prompts -> the analyzer sees each prompt's own object."""
+    prompts = ["a red circle on the left", "a green square on the right", "a yellow triangle at the top", "a purple square at the bottom"]
+    images = generate_images(pipe, prompts, [7] * len(prompts))
+    assert sum(score(img, p).fully_correct for img, p in zip(images, prompts)) >= 3
+
+
+def test_missing_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_shapes_pipeline(path=tmp_path)

@@ -6,6 +6,7 @@ below are imported lazily (on first attribute access) so importing the world sta
 * :func:`load_shapes_pipeline` — the shipped ``FluxPipeline`` (offline).
 * :data:`SHAPES_CALL_DEFAULTS` — the call keywords (32×32, 4 steps, no guidance, 16 tokens).
 * :func:`shapes_pipeline_path` — the folder of the shipped weights.
+* :func:`load_shapes_transcoders` — the shipped transcoders / SAEs, keyed ``(stream, layer)``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from difract_ext.toy.pipeline import SHAPES_CALL_DEFAULTS, load_shapes_pipeline, shapes_pipeline_path
+    from difract_ext.toy.pipeline import (
+        SHAPES_CALL_DEFAULTS,
+        load_shapes_pipeline,
+        load_shapes_transcoders,
+        shapes_dictionaries_path,
+        shapes_pipeline_path,
+    )
 
-__all__ = ["SHAPES_CALL_DEFAULTS", "load_shapes_pipeline", "shapes_pipeline_path"]
+__all__ = [
+    "SHAPES_CALL_DEFAULTS",
+    "load_shapes_pipeline",
+    "load_shapes_transcoders",
+    "shapes_dictionaries_path",
+    "shapes_pipeline_path",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,445 @@
+"""Harvest FLUX MLP activations ``(x, y, t)`` to resumable safetensors shards.
+
+For every work unit ``(prompt, seed)`` the pipeline generates one image (``output_type="latent"``);
+at each denoising step, forward hooks on the chosen MLPs (see :class:`~difract_ext.flux.sites.Site`)
+record the MLP input ``x`` and the output before the gate ``y``, and a forward pre-hook on the
+transformer records its ``timestep`` keyword ``t`` (one value per batch row). Rows are kept per
+token position, optionally without T5 padding tokens and optionally subsampled.
+
+Work units are grouped into fixed *chunks* of ``batch_size`` units (one pipeline call each). With
+several processes (``accelerate launch``), the chunks not yet done are dealt out by rank. See
+:mod:`difract_ext.capture.format` for the files and the commit protocol that makes ``resume``
+exact: a resumed harvest recomputes the same chunks with the same batching, hence the same rows.
+
+Memory: the host buffer holds at most ``shard_rows`` plus one chunk's rows per stream; per site
+that is ``2 * D * bytes(dtype)`` per row (e.g. FLUX ``D = 3072`` in bfloat16: 12 KiB per row and
+site). :func:`harvest` logs the bound. Captured tensors leave the accelerator right after each
+MLP call, so device memory is the pipeline's own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from difract_ext.atomic import atomic_write_json
+from difract_ext.capture.format import (
+    CONFIG_FILE,
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    SHARD_DIR,
+    SUMMARY_FILE,
+    HarvestFormatError,
+    ShardInfo,
+    read_all_shards,
+    read_journal,
+    shard_name,
+    site_key,
+    write_journal,
+    write_shard,
+)
+from difract_ext.capture.processes import process_state
+from difract_ext.flux.sites import STREAMS, Site
+
+logger = logging.getLogger(__name__)
+
+TEXT_PADDING = ("drop", "mask", "keep")
+# Fields whose change makes an existing harvest folder incompatible with a resumed run.
+_IDENTITY_FIELDS = ("sites", "prompts", "seeds", "batch_size", "text_padding", "subsample",
+                    "text_subsample", "sample_seed", "dtype", "call_kwargs", "d_model")
+
+
+@dataclass
+class HarvestConfig:
+    """What to harvest and how.
+
+    Attributes:
+        sites: MLPs to record (``Site(layer, "img" | "txt")``).
+        seeds: generation seeds; every prompt is generated once per seed.
+        batch_size: work units per pipeline call (a *chunk*).
+        shard_rows: a shard is written once a stream's buffer reaches this many rows.
+        text_padding: T5 padding rows of the ``txt`` stream: ``"drop"`` them, ``"mask"`` (keep
+            them with ``txt.valid = False``) or ``"keep"`` them unmarked.
+        subsample: keep ``ceil(n / subsample)`` random token positions out of the ``n``
+            candidates per (unit, step, stream) (TIDE uses 16); 1 keeps every position. The
+            choice is seeded by ``(sample_seed, prompt, seed, step, stream)``.
+        text_subsample: the same for the ``txt`` stream (None: ``subsample``); text rows are
+            few (no padding) and often worth keeping all.
+        sample_seed: seed of the position subsampling.
+        dtype: storage dtype of ``x`` and ``y`` (``"bfloat16"``, ``"float16"``, ``"float32"``).
+        call_kwargs: keywords for the pipeline call (``height``, ``width``,
+            ``num_inference_steps``, ``guidance_scale``, ``max_sequence_length``, ...).
+        model_name: recorded in the config and later in the dictionaries' metadata.
+    """
+
+    sites: Sequence[Site]
+    seeds: Sequence[int] = (0,)
+    batch_size: int = 8
+    shard_rows: int = 1 << 16
+    text_padding: str = "drop"
+    subsample: int = 1
+    text_subsample: int | None = None
+    sample_seed: int = 0
+    dtype: str = "bfloat16"
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_name: str = "unknown"
+
+    def __post_init__(self) -> None:
+        self.sites = sorted({s if isinstance(s, Site) else Site(*s) for s in self.sites})
+        if not self.sites:
+            raise ValueError("HarvestConfig.sites is empty")
+        if self.text_padding not in TEXT_PADDING:
+            raise ValueError(f"text_padding must be one of {TEXT_PADDING}, got {self.text_padding!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.text_subsample is None:
+            self.text_subsample = self.subsample
+        if min(self.batch_size, self.shard_rows, self.subsample, self.text_subsample) < 1:
+            raise ValueError("batch_size, shard_rows, subsample and text_subsample must be >= 1")
+        if not self.seeds:
+            raise ValueError("HarvestConfig.seeds is empty")
+        self.seeds = [int(s) for s in self.seeds]
+        if self.call_kwargs.get("negative_prompt") is not None or float(
+            self.call_kwargs.get("true_cfg_scale", 1.0)
+        ) > 1.0:
+            raise ValueError(
+                "true CFG runs the transformer twice per step (conditional and unconditional); "
+                "harvesting would mix both branches. Harvest without negative_prompt/true_cfg_scale."
+            )
+        for key in ("prompt", "generator", "output_type", "num_images_per_prompt"):
+            if key in self.call_kwargs:
+                raise ValueError(f"call_kwargs may not set {key!r}: harvest() controls it")
+
+    @property
+    def streams(self) -> list[str]:
+        return [s for s in STREAMS if any(site.stream == s for site in self.sites)]
+
+
+@dataclass
+class HarvestResult:
+    """Summary of a harvest folder after :func:`harvest` returns (all processes' shards)."""
+
+    root: Path
+    shards: int
+    rows: dict[str, int]
+    units_done: int
+    units_total: int
+    timesteps: list[float]
+
+    @property
+    def complete(self) -> bool:
+        return self.units_done == self.units_total
+
+
+def _mix_seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 61)
+    return h
+
+
+class _StepCapture:
+    """Hooks that copy selected rows of every site's MLP input/output to host memory, per step."""
+
+    def __init__(self, transformer: torch.nn.Module, cfg: HarvestConfig, storage: torch.dtype):
+        self.transformer = transformer
+        self.cfg = cfg
+        self.storage = storage
+        self.handles: list[Any] = []
+        self.units: list[tuple[int, int]] = []
+        self.text_valid: torch.Tensor | None = None  # [B, S_txt] bool
+        self.step = 0
+        self.sel: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows: dict[str, dict[str, list[torch.Tensor]]] = {}
+
+    def begin_chunk(self, units: list[tuple[int, int]], text_valid: torch.Tensor) -> None:
+        self.units, self.text_valid, self.step = units, text_valid, 0
+        self.rows = {s: {} for s in self.cfg.streams}
+
+    def __enter__(self) -> _StepCapture:
+        self.handles.append(
+            self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        )
+        for site in self.cfg.sites:
+            module = self.transformer.get_submodule(site.module_path)
+            self.handles.append(module.register_forward_hook(self._site_hook(site)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _select(self, stream: str, n_pos: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Rows to keep at this step: (batch idx [N], position idx [N], metadata [N] each)."""
+        b_all, p_all, valid_all = [], [], []
+        for b, (prompt, seed) in enumerate(self.units):
+            pos = torch.arange(n_pos)
+            if stream == "txt":
+                assert self.text_valid is not None
+                valid = self.text_valid[b, :n_pos]
+            else:
+                valid = torch.ones(n_pos, dtype=torch.bool)
+            if stream == "txt" and self.cfg.text_padding == "drop":
+                pos = pos[valid]
+            every = self.cfg.text_subsample if stream == "txt" else self.cfg.subsample
+            assert every is not None
+            if every > 1 and len(pos):
+                n_keep = math.ceil(len(pos) / every)
+                gen = torch.Generator().manual_seed(
+                    _mix_seed(self.cfg.sample_seed, prompt, seed, self.step, STREAMS.index(stream))
+                )
+                pos = pos[torch.randperm(len(pos), generator=gen)[:n_keep].sort().values]
+            b_all.append(torch.full_like(pos, b))
+            p_all.append(pos)
+            valid_all.append(valid[pos])
+        b_idx, p_idx = torch.cat(b_all), torch.cat(p_all)
+        units = torch.tensor(self.units, dtype=torch.int64).reshape(-1, 2)
+        meta = {
+            "prompt": units[b_idx, 0].to(torch.int32),
+            "seed": units[b_idx, 1],
+            "step": torch.full_like(b_idx, self.step, dtype=torch.int32),
+            "pos": p_idx.to(torch.int32),
+        }
+        if stream == "txt" and self.cfg.text_padding == "mask":
+            meta["valid"] = torch.cat(valid_all)
+        return b_idx, p_idx, meta
+
+    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
+        if hidden is None or text is None or t is None:
+            raise RuntimeError("the transformer was called without hidden_states/encoder_hidden_states/timestep")
+        if hidden.shape[0] != len(self.units):
+            raise RuntimeError(
+                f"transformer batch {hidden.shape[0]} != {len(self.units)} work units "
+                "(num_images_per_prompt or true CFG would break the row bookkeeping)"
+            )
+        t_rows = t.detach().float().reshape(-1).expand(len(self.units)).cpu()
+        self.sel = {}
+        for stream in self.cfg.streams:
+            n_pos = (hidden if stream == "img" else text).shape[1]
+            b_idx, p_idx, meta = self._select(stream, n_pos)
+            meta["t"] = t_rows[b_idx]
+            dev = hidden.device
+            self.sel[stream] = (b_idx.to(dev), p_idx.to(dev))
+            for k, v in meta.items():
+                self.rows[stream].setdefault(f"{stream}.{k}", []).append(v)
+        self.step += 1
+
+    def _site_hook(self, site: Site) -> Any:
+        key = site_key(site)
+
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            b_idx, p_idx = self.sel[site.stream]
+            store = self.rows[site.stream]
+            for name, value in ((f"{key}.x", args[0]), (f"{key}.y", output)):
+                store.setdefault(name, []).append(
+                    value.detach()[b_idx, p_idx].to(device="cpu", dtype=self.storage)
+                )
+
+        return hook
+
+    def chunk_rows(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{stream: {"{stream}.t": [N], "{key}.x": [N, D], ...}}`` for the finished chunk.
+
+        Rows are in (step, unit, position) order.
+        """
+        return {s: {k: torch.cat(v) for k, v in d.items()} for s, d in self.rows.items()}
+
+
+def _text_valid(pipe: Any, prompts: list[str], max_len: int) -> torch.Tensor:
+    """``[B, max_len]`` bool: T5 positions that hold a real token (the pipeline's own tokenisation)."""
+    enc = pipe.tokenizer_2(
+        prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+    )
+    return enc.attention_mask.bool()
+
+
+def _config_json(cfg: HarvestConfig, prompts: list[str], d_model: int) -> dict[str, Any]:
+    d = asdict(cfg)
+    d.pop("shard_rows")
+    d["sites"] = [site_key(s) for s in cfg.sites]
+    d.update(format=FORMAT, version=FORMAT_VERSION, prompts=list(prompts), d_model=d_model)
+    return d
+
+
+def _check_compatible(old: dict[str, Any], new: dict[str, Any], root: Path) -> None:
+    diff = [k for k in _IDENTITY_FIELDS if old.get(k) != new.get(k)]
+    if diff:
+        raise HarvestFormatError(
+            f"{root} was harvested with a different {', '.join(diff)}; resuming would mix "
+            "incompatible rows. Use another output folder, or the original settings."
+        )
+
+
+def _clean_orphans(root: Path, shards: list[ShardInfo]) -> None:
+    referenced = {root / s.file for s in shards}
+    for path in (root / SHARD_DIR).glob("*"):
+        if path not in referenced:
+            logger.info("removing %s (not committed by any journal: an interrupted write)", path)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def harvest(
+    pipe: Any,
+    prompts: Sequence[str],
+    out_dir: str | Path,
+    config: HarvestConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> HarvestResult:
+    """Run ``pipe`` over ``prompts × config.seeds`` and write MLP activations to ``out_dir``.
+
+    Works in one process or under ``accelerate launch`` (each rank takes every ``world``-th
+    pending chunk; the pipeline must already be on that rank's device).
+
+    Args:
+        pipe: a diffusers ``FluxPipeline`` (or compatible: ``transformer``, ``tokenizer_2``).
+        prompts: the prompts; their order fixes the prompt indices stored in the rows.
+        out_dir: harvest folder (created). If it already holds a harvest, ``resume`` must be set.
+        config: what to capture (:class:`HarvestConfig`).
+        resume: continue an interrupted harvest with the same config, skipping committed chunks.
+        progress: show a progress bar (main process only).
+
+    Returns:
+        a :class:`HarvestResult` over every process's shards.
+
+    Raises:
+        HarvestFormatError: ``out_dir`` holds a harvest and ``resume`` is False, or its config differs.
+    """
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts to harvest")
+    root = Path(out_dir)
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
+    tcfg = pipe.transformer.config
+    d_model = int(tcfg.num_attention_heads * tcfg.attention_head_dim)
+    for site in config.sites:
+        site.check_in(int(tcfg.num_layers))
+    new_cfg = _config_json(config, prompts, d_model)
+    cfg_path = root / CONFIG_FILE
+    existed = cfg_path.is_file()
+    state.wait_for_everyone()
+    if existed:
+        if not resume:
+            raise HarvestFormatError(f"{root} already holds a harvest; pass resume=True (--resume) to continue it")
+        _check_compatible(json.loads(cfg_path.read_text()), new_cfg, root)
+    committed = read_all_shards(root) if existed else []
+    if state.is_main_process:
+        if not existed:
+            atomic_write_json(cfg_path, new_cfg)
+        (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        _clean_orphans(root, committed)
+    state.wait_for_everyone()  # nobody writes before every rank has read the journals
+
+    units = [(p, s) for p in range(len(prompts)) for s in config.seeds]
+    n_chunks = math.ceil(len(units) / config.batch_size)
+    done = {c for s in committed for c in s.chunks}
+    mine = [c for c in range(n_chunks) if c not in done][rank::world]
+    journal = read_journal(root, rank)
+    storage = DTYPES[config.dtype]
+    n_sites = {s: sum(site.stream == s for site in config.sites) for s in config.streams}
+    bytes_per_row = {s: n * 2 * d_model * storage.itemsize for s, n in n_sites.items()}
+    logger.info(
+        "rank %d/%d: %d of %d chunks to do (%d already committed); host buffer bound ~%.1f MiB "
+        "(shard_rows=%d + one chunk, per stream: %s bytes/row)",
+        rank, world, len(mine), n_chunks, len(done),
+        sum(b * config.shard_rows for b in bytes_per_row.values()) / 2**20,
+        config.shard_rows, bytes_per_row,
+    )
+    max_len = int(config.call_kwargs.get("max_sequence_length", 512))
+    buffer: dict[str, dict[str, list[torch.Tensor]]] = {s: {} for s in config.streams}
+    buf_chunks: list[int] = []
+
+    def flush() -> None:
+        if not buf_chunks:
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        rows, valid_rows, tvals = {}, {}, set()
+        for stream, parts in buffer.items():
+            for name, pieces in parts.items():
+                tensors[name] = torch.cat(pieces)
+            n = int(tensors[f"{stream}.t"].shape[0]) if f"{stream}.t" in tensors else 0
+            rows[stream] = n
+            valid = tensors.get(f"{stream}.valid")
+            valid_rows[stream] = int(valid.sum()) if valid is not None else n
+            if n:
+                tvals.update(float(v) for v in torch.unique(tensors[f"{stream}.t"]))
+        name = shard_name(buf_chunks[0], buf_chunks[-1])
+        write_shard(root, name, tensors, {"format": FORMAT, "chunks": ",".join(map(str, buf_chunks))})
+        chunk_units = tuple(u for c in buf_chunks for u in units[c * config.batch_size:(c + 1) * config.batch_size])
+        journal.append(ShardInfo(name, tuple(buf_chunks), chunk_units, rows, valid_rows, tuple(sorted(tvals))))
+        write_journal(root, rank, journal)
+        for d in buffer.values():
+            d.clear()
+        buf_chunks.clear()
+
+    capture = _StepCapture(pipe.transformer, config, storage)
+    bar = tqdm(total=len(mine), unit="chunk", desc=f"harvest[{rank}]",
+               disable=not (progress and state.is_main_process))
+    try:
+        with capture:
+            for c in mine:
+                chunk = units[c * config.batch_size:(c + 1) * config.batch_size]
+                chunk_prompts = [prompts[p] for p, _ in chunk]
+                capture.begin_chunk(chunk, _text_valid(pipe, chunk_prompts, max_len))
+                gens = [torch.Generator("cpu").manual_seed(s) for _, s in chunk]
+                pipe(prompt=chunk_prompts, generator=gens, output_type="latent", **config.call_kwargs)
+                for stream, d in capture.chunk_rows().items():
+                    for name, value in d.items():
+                        buffer[stream].setdefault(name, []).append(value)
+                buf_chunks.append(c)
+                bar.update(1)
+                if max(sum(len(v) for v in d.get(f"{s}.t", [])) for s, d in buffer.items()) >= config.shard_rows:
+                    flush()
+            flush()
+    finally:
+        bar.close()
+    state.wait_for_everyone()
+    return _summarise(root, n_units=len(units), write=state.is_main_process)
+
+
+def _summarise(root: Path, n_units: int, write: bool) -> HarvestResult:
+    shards = read_all_shards(root)
+    rows: dict[str, int] = {}
+    for s in shards:
+        for k, v in s.valid_rows.items():
+            rows[k] = rows.get(k, 0) + v
+    result = HarvestResult(
+        root=root,
+        shards=len(shards),
+        rows=rows,
+        units_done=sum(len(s.units) for s in shards),
+        units_total=n_units,
+        timesteps=sorted({t for s in shards for t in s.timesteps}),
+    )
+    if write:
+        atomic_write_json(root / SUMMARY_FILE, {
+            "format": FORMAT, "version": FORMAT_VERSION, "complete": result.complete,
+            "units_done": result.units_done, "units_total": n_units, "valid_rows": rows,
+            "timesteps": result.timesteps, "shards": [s.to_json() for s in shards],
+        })
+    logger.info("harvest %s: %d shards, rows %s, %d/%d units", root, result.shards, rows,
+                result.units_done, n_units)
+    return result
+
+
+__all__ = ["TEXT_PADDING", "HarvestConfig", "HarvestResult", "harvest"]

@@ -1,0 +1,222 @@
+"""Held-out evaluation of conditioned dictionaries: FVU, cosine, L0, dead and dense features.
+
+For a dictionary at site ``s`` and a group of held-out rows ``G`` (all rows, or the rows of one
+timestep ``t``), with targets ``y [N, D]`` and reconstructions ``ŷ`` (transcoder: from ``x``; SAE:
+from ``y``) and activations ``z [N, d_sae]``::
+
+    FVU                = Σ_n ‖y_n − ŷ_n‖² / Σ_n ‖y_n − ȳ‖²        (ȳ: mean over G)
+    explained_variance = 1 − FVU
+    cosine             = mean_n cos(y_n, ŷ_n)
+    l0                 = mean_n #{i : z_n,i > 0}
+    dead_fraction      = #{i : z_·,i = 0 on every row of G} / d_sae
+    dense_fraction     = #{i : feature i is active on > dense_threshold of G's rows} / d_sae
+
+Sums are accumulated in float64 over batches, so the numbers do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from difract_ext.capture.format import HarvestReader
+from difract_ext.training.store import TrainedDictionary
+
+logger = logging.getLogger(__name__)
+
+ALL = "all"
+
+
+class _Acc:
+    """Streaming sums for one (dictionary, group)."""
+
+    def __init__(self, d: int, d_sae: int):
+        self.n = 0
+        self.sse = 0.0
+        self.sum_y = torch.zeros(d, dtype=torch.float64)
+        self.sum_y2 = torch.zeros(d, dtype=torch.float64)
+        self.cos = 0.0
+        self.l0 = 0.0
+        self.fires = torch.zeros(d_sae, dtype=torch.float64)
+
+    def add(self, y: torch.Tensor, y_hat: torch.Tensor, active: torch.Tensor) -> None:
+        y64, e = y.double(), (y - y_hat).double()
+        self.n += y.shape[0]
+        self.sse += float(e.pow(2).sum())
+        self.sum_y += y64.sum(0).cpu()
+        self.sum_y2 += y64.pow(2).sum(0).cpu()
+        self.cos += float(torch.nn.functional.cosine_similarity(y64, y_hat.double(), dim=-1, eps=1e-12).sum())
+        self.l0 += float(active.sum())
+        self.fires += active.sum(0).double().cpu()
+
+    def result(self, dense_threshold: float) -> dict[str, float]:
+        n = max(self.n, 1)
+        sst = float((self.sum_y2 - self.sum_y.pow(2) / n).sum())
+        fvu = self.sse / sst if sst > 0 else float("nan")
+        freq = self.fires / n
+        return {
+            "n_rows": float(self.n),
+            "fvu": fvu,
+            "explained_variance": 1.0 - fvu,
+            "mse": self.sse / n,
+            "cosine": self.cos / n,
+            "l0": self.l0 / n,
+            "l0_fraction": self.l0 / n / self.fires.numel(),
+            "dead_fraction": float((self.fires == 0).double().mean()),
+            "dense_fraction": float((freq > dense_threshold).double().mean()),
+        }
+
+
+@dataclass
+class DictionaryEval:
+    """Metrics of one dictionary: ``groups["all"]`` and ``groups["t=0.5"]`` etc."""
+
+    name: str
+    site: str
+    role: str
+    activation: str
+    sparsity: float
+    d_sae: int
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "site": self.site, "role": self.role, "activation": self.activation,
+                "sparsity": self.sparsity, "d_sae": self.d_sae, "groups": self.groups}
+
+
+def t_label(t: float) -> str:
+    return f"t={t:g}"
+
+
+@torch.no_grad()
+def evaluate_dictionaries(
+    dictionaries: Sequence[TrainedDictionary],
+    data: str | Path | HarvestReader,
+    *,
+    batch_size: int = 4096,
+    dense_threshold: float = 0.1,
+    per_timestep: bool = True,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[DictionaryEval]:
+    """Evaluate every dictionary on the held-out rows of its site (one pass over the shards).
+
+    Args:
+        dictionaries: loaded dictionaries (:func:`~difract_ext.training.store.load_dictionaries`).
+        data: held-out harvest folder (or reader) containing every dictionary's site.
+        batch_size: rows per forward pass (results do not depend on it).
+        dense_threshold: firing rate above which a feature counts as dense.
+        per_timestep: also report one group per distinct t.
+
+    Returns:
+        one :class:`DictionaryEval` per dictionary, in input order.
+    """
+    from difract_ext.capture.format import site_key
+
+    reader = data if isinstance(data, HarvestReader) else HarvestReader(data)
+    have = {site_key(s) for s in reader.sites}
+    for d in dictionaries:
+        if site_key(d.spec.site) not in have:
+            raise ValueError(f"{reader.root} has no rows of {site_key(d.spec.site)} (needed by {d.name})")
+    accs: list[dict[str, _Acc]] = [{} for _ in dictionaries]
+    streams = sorted({d.spec.site.stream for d in dictionaries})
+    for i in tqdm(range(len(reader.shards)), desc="eval", unit="shard", disable=not progress):
+        for stream in streams:
+            idx = [j for j, d in enumerate(dictionaries) if d.spec.site.stream == stream]
+            sites = sorted({dictionaries[j].spec.site for j in idx})
+            rows = reader.stream_rows(i, stream, sites)
+            if not rows:
+                continue
+            n = rows["t"].shape[0]
+            for lo in range(0, n, batch_size):
+                t = rows["t"][lo:lo + batch_size].to(device)
+                for j in idx:
+                    d = dictionaries[j]
+                    key = site_key(d.spec.site)
+                    x = rows[f"{key}.x"][lo:lo + batch_size].to(device=device, dtype=torch.float32)
+                    y = rows[f"{key}.y"][lo:lo + batch_size].to(device=device, dtype=torch.float32)
+                    z = d.module.encode(y if d.spec.role == "sae" else x, t=t)
+                    y_hat = d.module.linear_decode(z)
+                    active = z > 0
+                    groups = {ALL: None}
+                    if per_timestep:
+                        for tv in torch.unique(t).tolist():
+                            groups[t_label(tv)] = t == tv
+                    for g, mask in groups.items():
+                        acc = accs[j].get(g)
+                        if acc is None:
+                            acc = accs[j][g] = _Acc(y.shape[-1], z.shape[-1])
+                        if mask is None:
+                            acc.add(y, y_hat, active)
+                        else:
+                            acc.add(y[mask], y_hat[mask], active[mask])
+    out = []
+    for d, acc in zip(dictionaries, accs):
+        ev = DictionaryEval(d.name, site_key(d.spec.site), d.spec.role, d.spec.activation,
+                            d.spec.sparsity, int(d.module.cfg.d_sae))
+        order = [ALL] + sorted((g for g in acc if g != ALL), key=lambda s: -float(s[2:]))
+        ev.groups = {g: acc[g].result(dense_threshold) for g in order if g in acc}
+        out.append(ev)
+    return out
+
+
+def check_disjoint(eval_data: HarvestReader, dictionaries: Sequence[TrainedDictionary]) -> list[str]:
+    """Prompts of the evaluation data that some dictionary was trained on.
+
+    Uses the training harvest's prompt list when its folder is still readable; otherwise compares
+    the recorded SHA-256 of the whole prompt list (and logs that overlap could not be ruled out).
+    """
+    import hashlib
+
+    eval_prompts = set(eval_data.prompts)
+    overlap: set[str] = set()
+    digest = hashlib.sha256("\n".join(eval_data.prompts).encode()).hexdigest()
+    for root in sorted({d.training.get("data", {}).get("root", "") for d in dictionaries}):
+        cfg = Path(root) / "harvest_config.json"
+        if root and cfg.is_file():
+            overlap |= eval_prompts & set(json.loads(cfg.read_text())["prompts"])
+        else:
+            logger.warning("training data %r not readable: held-out disjointness only checked by digest", root)
+    for d in dictionaries:
+        if d.training.get("data", {}).get("prompts_sha256") == digest:
+            overlap |= eval_prompts
+    return sorted(overlap)
+
+
+def eval_table(evals: Sequence[DictionaryEval], group: str = ALL) -> str:
+    """Markdown table: one row per dictionary (metrics of ``group``)."""
+    head = ("| dictionary | site | role | act. | sparsity | d_sae | EV | FVU | cosine | L0 | "
+            "L0/d_sae | dead | dense |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for e in evals:
+        m = e.groups.get(group)
+        if m is None:
+            continue
+        lines.append(
+            f"| {e.name} | {e.site} | {e.role} | {e.activation} | {e.sparsity:g} | {e.d_sae} | "
+            f"{m['explained_variance']:.4f} | {m['fvu']:.4f} | {m['cosine']:.4f} | {m['l0']:.2f} | "
+            f"{m['l0_fraction']:.2%} | {m['dead_fraction']:.2%} | {m['dense_fraction']:.2%} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def per_timestep_table(evals: Sequence[DictionaryEval]) -> str:
+    """Markdown table of explained variance and L0 per dictionary and timestep."""
+    groups = sorted({g for e in evals for g in e.groups if g != ALL}, key=lambda s: -float(s[2:]))
+    head = "| dictionary | " + " | ".join(f"EV {g} | L0 {g}" for g in groups) + " |\n"
+    head += "|---|" + "---|---|" * len(groups) + "\n"
+    lines = []
+    for e in evals:
+        cells = []
+        for g in groups:
+            m = e.groups.get(g)
+            cells += [f"{m['explained_variance']:.4f}", f"{m['l0']:.2f}"] if m else ["", ""]
+        lines.append(f"| {e.name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"

@@ -1,0 +1,311 @@
+"""What to train: dictionary specs, the training config, and the two reference recipes.
+
+* **DifFRACT** (:func:`difract_recipe`): ReLU, L1 penalty ``λ·mean_b Σ_i |z_i|`` with λ per
+  stream (img 3e-4, txt 5e-5), variance-normalised MSE, AdamW (lr 2e-4, no weight decay),
+  cosine schedule, decoder rows renormalised to unit norm after every step.
+* **TIDE** (:func:`tide_recipe`): TopK activation (no L1), same loss otherwise, with an auxiliary
+  TopK loss on dead latents.
+
+A :class:`DictionarySpec` is one dictionary (site × role × activation × sparsity × width);
+:func:`sweep` crosses sites, roles and sparsity levels, and the trainer trains all of them in one
+pass over the harvested data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from difract_ext.capture.format import parse_site_key, site_key
+from difract_ext.flux.sites import Site
+
+ROLES = ("transcoder", "sae")
+TRAIN_ACTIVATIONS = ("relu", "topk")
+DEAD_REMEDIES = ("auto", "resample", "auxk", "none")
+DIFRACT_L1: dict[str, float] = {"img": 3e-4, "txt": 5e-5}
+
+
+@dataclass
+class DictionarySpec:
+    """One dictionary to train.
+
+    Attributes:
+        site: the MLP (``Site(layer, stream)``).
+        role: ``"transcoder"`` (MLP input -> output) or ``"sae"`` (output -> output).
+        activation: ``"relu"`` (with L1) or ``"topk"``.
+        l1_coefficient: λ of the L1 penalty (ReLU only).
+        k: active features per row (TopK only).
+        expansion_factor: ``d_sae = round(expansion_factor * d_model)`` unless ``d_sae`` is set.
+        d_sae: explicit width.
+        lr: AdamW learning rate.
+        d_t_embed: width of the timestep embedding / time MLP (DifFRACT: 256).
+        dead_remedy: ``"resample"`` (re-initialise dead features towards badly reconstructed
+            rows), ``"auxk"`` (auxiliary TopK loss on dead latents, TopK only), ``"none"``, or
+            ``"auto"`` (ReLU -> resample, TopK -> auxk).
+        name: output sub-folder; default ``{role}s/{stream}_{layer}/{variant}``.
+    """
+
+    site: Site
+    role: str = "transcoder"
+    activation: str = "relu"
+    l1_coefficient: float | None = None
+    k: int | None = None
+    expansion_factor: float = 8.0
+    d_sae: int | None = None
+    lr: float = 2e-4
+    d_t_embed: int = 256
+    dead_remedy: str = "auto"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.site, str):
+            self.site = parse_site_key(self.site)
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.activation not in TRAIN_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {TRAIN_ACTIVATIONS}, got {self.activation!r}")
+        if self.activation == "relu":
+            if self.l1_coefficient is None:
+                self.l1_coefficient = DIFRACT_L1[self.site.stream]
+            if self.k is not None:
+                raise ValueError("k is only used with activation='topk'")
+        else:
+            if self.k is None or self.k < 1:
+                raise ValueError("activation='topk' needs k >= 1")
+            if self.l1_coefficient:
+                raise ValueError("TopK dictionaries are trained without L1 (l1_coefficient=None)")
+        if self.dead_remedy not in DEAD_REMEDIES:
+            raise ValueError(f"dead_remedy must be one of {DEAD_REMEDIES}, got {self.dead_remedy!r}")
+        if self.dead_remedy == "auxk" and self.activation != "topk":
+            raise ValueError("dead_remedy='auxk' needs activation='topk'")
+
+    @property
+    def remedy(self) -> str:
+        """The dead-feature remedy actually used (``auto`` resolved)."""
+        if self.dead_remedy != "auto":
+            return self.dead_remedy
+        return "auxk" if self.activation == "topk" else "resample"
+
+    def width(self, d_model: int) -> int:
+        return int(self.d_sae) if self.d_sae is not None else int(round(self.expansion_factor * d_model))
+
+    @property
+    def variant(self) -> str:
+        sparsity = f"l1-{self.l1_coefficient:.0e}" if self.activation == "relu" else f"k-{self.k}"
+        width = f"d{self.d_sae}" if self.d_sae is not None else f"x{self.expansion_factor:g}"
+        return f"{self.activation}_{sparsity}_{width}"
+
+    @property
+    def resolved_name(self) -> str:
+        return self.name or f"{self.role}s/{site_key(self.site)}/{self.variant}"
+
+    @property
+    def sparsity(self) -> float:
+        """The sparsity knob (λ for ReLU, k for TopK) as a number, for tables and plots."""
+        return float(self.l1_coefficient if self.activation == "relu" else self.k)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["site"] = site_key(self.site)
+        d["name"] = self.resolved_name
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DictionarySpec:
+        return cls(**{**d, "site": parse_site_key(d["site"])})
+
+
+@dataclass
+class TrainConfig:
+    """How to train (shared by every dictionary of one run).
+
+    Attributes:
+        batch_size: rows per optimizer step per dictionary (global, over all processes).
+        epochs: passes over the harvested rows.
+        lr_warmup_steps: linear learning-rate warm-up.
+        lr_end_fraction: the cosine schedule ends at ``lr * lr_end_fraction``.
+        l1_warmup_steps: the L1 coefficient ramps linearly from 0 over these steps.
+        weight_decay, betas: AdamW settings (DifFRACT: 0 and (0.9, 0.999)).
+        mix_shards: shards loaded and shuffled together (memory ~ this many shards).
+        seed: initialisation, data order and resampling seed.
+        dead_window: a feature that has not fired for this many steps is dead.
+        resample_every: steps between dead-feature resamplings (``resample`` remedy); 0: never.
+        resample_until: no resampling after this fraction of a dictionary's steps.
+        auxk_coefficient: weight of the auxiliary dead-latent loss (``auxk`` remedy).
+        auxk_k: latents used by the auxiliary loss (default ``d_out // 2``).
+        checkpoint_every_steps: write a checkpoint every this many steps (0: only by time).
+        checkpoint_every_seconds: ... and at least this often.
+        stop_after_steps: stop (with a checkpoint) once this many global steps are done,
+            for time-limited jobs; resume later.
+        log_every: steps between log lines / history entries.
+    """
+
+    batch_size: int = 4096
+    epochs: int = 1
+    lr_warmup_steps: int = 0
+    lr_end_fraction: float = 0.0
+    l1_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    mix_shards: int = 4
+    seed: int = 0
+    dead_window: int = 1000
+    resample_every: int = 2000
+    resample_until: float = 0.75
+    auxk_coefficient: float = 1.0 / 32.0
+    auxk_k: int | None = None
+    checkpoint_every_steps: int = 0
+    checkpoint_every_seconds: float = 300.0
+    stop_after_steps: int | None = None
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.batch_size < 1 or self.epochs < 1 or self.mix_shards < 1:
+            raise ValueError("batch_size, epochs and mix_shards must be >= 1")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def difract_recipe(
+    sites: Sequence[Site],
+    roles: Sequence[str] = ("transcoder",),
+    l1: dict[str, float] | None = None,
+    expansion_factor: float = 16.0,
+    lr: float = 2e-4,
+    **kwargs: Any,
+) -> list[DictionarySpec]:
+    """DifFRACT's recipe: ReLU + L1 (λ per stream, default img 3e-4, txt 5e-5), width 16×."""
+    lam = {**DIFRACT_L1, **(l1 or {})}
+    return [
+        DictionarySpec(site, role, "relu", l1_coefficient=lam[site.stream],
+                       expansion_factor=expansion_factor, lr=lr, **kwargs)
+        for site in sites for role in roles
+    ]
+
+
+def tide_recipe(
+    sites: Sequence[Site],
+    k: int = 32,
+    roles: Sequence[str] = ("transcoder",),
+    expansion_factor: float = 16.0,
+    lr: float = 2e-4,
+    **kwargs: Any,
+) -> list[DictionarySpec]:
+    """TIDE's recipe: TopK (``k`` active features), auxiliary loss on dead latents."""
+    return [
+        DictionarySpec(site, role, "topk", k=k, expansion_factor=expansion_factor, lr=lr, **kwargs)
+        for site in sites for role in roles
+    ]
+
+
+def sweep(
+    sites: Sequence[Site],
+    roles: Sequence[str] = ("transcoder", "sae"),
+    activation: str = "relu",
+    levels: Sequence[float] = (),
+    l1_scale_txt: float | None = None,
+    **kwargs: Any,
+) -> list[DictionarySpec]:
+    """Several sparsity levels per site and role (for sparsity–faithfulness curves).
+
+    For ReLU, ``levels`` are L1 coefficients (multiplied by ``l1_scale_txt`` on the text stream if
+    given, e.g. DifFRACT's 5e-5 / 3e-4); for TopK they are values of k.
+    """
+    specs = []
+    for site in sites:
+        for role in roles:
+            for level in levels:
+                if activation == "relu":
+                    lam = float(level) * (l1_scale_txt if (l1_scale_txt and site.stream == "txt") else 1.0)
+                    specs.append(DictionarySpec(site, role, "relu", l1_coefficient=lam, **kwargs))
+                else:
+                    specs.append(DictionarySpec(site, role, "topk", k=int(level), **kwargs))
+    return specs
+
+
+def specs_from_options(
+    sites: Sequence[Site],
+    roles: Sequence[str] = ("transcoder",),
+    activations: Sequence[str] = ("relu",),
+    l1_img: Sequence[float] = (DIFRACT_L1["img"],),
+    l1_txt: Sequence[float] = (DIFRACT_L1["txt"],),
+    ks: Sequence[int] = (32,),
+    **kwargs: Any,
+) -> list[DictionarySpec]:
+    """Cross sites × roles × activations × sparsity levels (L1 levels per stream, k for TopK).
+
+    Extra keywords (``expansion_factor``, ``d_sae``, ``lr``, ``d_t_embed``, ``dead_remedy``) go to
+    every :class:`DictionarySpec`.
+    """
+    specs = []
+    for site in sites:
+        for role in roles:
+            for act in activations:
+                if act == "relu":
+                    for lam in (l1_img if site.stream == "img" else l1_txt):
+                        specs.append(DictionarySpec(site, role, "relu", l1_coefficient=float(lam), **kwargs))
+                else:
+                    for k in ks:
+                        specs.append(DictionarySpec(site, role, "topk", k=int(k), **kwargs))
+    return specs
+
+
+def build_dictionary(
+    spec: DictionarySpec,
+    d_model: int,
+    *,
+    trained_timesteps: Sequence[float] | None = None,
+    model_name: str = "unknown",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    extra_metadata: dict[str, Any] | None = None,
+) -> Any:
+    """A freshly initialised :class:`TimestepTranscoder` / :class:`TimestepSAE` for ``spec``.
+
+    Initialisation uses its own generator state (``seed``) and leaves the global RNG untouched.
+    """
+    from difract_ext.adapters.dictionaries import (
+        TimestepSAE,
+        TimestepSAEConfig,
+        TimestepTranscoder,
+        TimestepTranscoderConfig,
+    )
+    from difract_ext.flux.sites import dictionary_metadata
+
+    meta = dictionary_metadata(spec.site, spec.role, model_name=model_name, **(extra_metadata or {}))
+    common: dict[str, Any] = dict(
+        d_in=d_model,
+        d_sae=spec.width(d_model),
+        d_t_embed=spec.d_t_embed,
+        activation=spec.activation,
+        k=spec.k,
+        trained_timesteps=list(trained_timesteps) if trained_timesteps else None,
+        metadata=meta,
+        device=str(device),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if spec.role == "transcoder":
+            return TimestepTranscoder(TimestepTranscoderConfig(d_out=d_model, **common))
+        return TimestepSAE(TimestepSAEConfig(**common))
+
+
+__all__ = [
+    "DEAD_REMEDIES",
+    "DIFRACT_L1",
+    "ROLES",
+    "DictionarySpec",
+    "TrainConfig",
+    "build_dictionary",
+    "difract_recipe",
+    "specs_from_options",
+    "sweep",
+    "tide_recipe",
+]

@@ -1,0 +1,199 @@
+"""Train, evaluate and ship the shapes model's transcoders and SAEs (reproducible, resumable).
+
+Stages (each resumes or is skipped when its output exists; ``--fresh`` starts over):
+
+1. **harvest**: every double-block MLP (both streams) of the shipped shapes model over the train
+   prompts (``shapes:train`` × ``--seeds``; image tokens subsampled 1/``--img-subsample``, text
+   padding dropped), and over the held-out prompts (``shapes:held_out``, other seeds, every token).
+2. **train**, one pass for everything: DifFRACT-recipe ReLU transcoders for every MLP and SAE
+   baselines on ``--sae-layers`` at the shipping sparsity, plus a sweep of sparsity levels
+   (transcoder vs SAE, ReLU L1 and TopK k) on ``--sweep-sites`` for the curves.
+3. **eval** on the held-out harvest: FVU / EV / cosine / L0 / dead / dense per timestep, curves,
+   spliced generation (each MLP alone, then all) with the shapes analyzer's prompt adherence.
+4. **ship**: the shipping dictionaries to ``difract_ext/toy/dictionaries/{transcoders,saes}/{site}/``
+   (SAELens folders + ``metrics.json`` with the held-out numbers), ``index.json``, ``EVAL.md`` and
+   the curves PNG.
+
+Single-stream blocks are not included: their MLP output is fused with attention in ``proj_out``
+(no separate "MLP output before the gate"), and :class:`~difract_ext.flux.sites.Site` has no such
+site yet.
+
+Usage::
+
+    python scripts/train_shapes_dictionaries.py                  # full run (~15 min on 2 CPU cores)
+    python scripts/train_shapes_dictionaries.py --quick --no-ship --work /tmp/sd   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from difract_ext.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
+from difract_ext.capture import HarvestConfig, HarvestReader, harvest, site_key
+from difract_ext.capture.sources import double_block_sites, load_pipeline, load_prompts
+from difract_ext.flux.sites import Site
+from difract_ext.training import DictionarySpec, TrainConfig, load_dictionaries, run_evaluation, train_dictionaries
+
+logger = logging.getLogger("train_shapes_dictionaries")
+REPO = Path(__file__).resolve().parents[1]
+SHIP_DIR = REPO / "difract_ext" / "toy" / "dictionaries"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--work", default=str(REPO / "runs" / "shapes-dictionaries"), help="working folder")
+    p.add_argument("--model", default="shapes", help="pipeline spec ('shapes' or 'shapes:FOLDER')")
+    p.add_argument("--ship-dir", default=str(SHIP_DIR), help="where the shipped dictionaries go")
+    p.add_argument("--no-ship", action="store_true", help="stop after the evaluation")
+    p.add_argument("--no-splice", action="store_true", help="skip spliced generation")
+    p.add_argument("--fresh", action="store_true", help="delete the working folder first")
+    p.add_argument("--quick", action="store_true", help="tiny run to check the script")
+    p.add_argument("--seeds", type=int, default=6, help="train seeds per prompt (0..N-1)")
+    p.add_argument("--held-seeds", type=int, default=2, help="held-out seeds per prompt (1000..)")
+    p.add_argument("--img-subsample", type=int, default=4, help="keep 1/N image tokens per step")
+    p.add_argument("--expansion-img", type=float, default=1.5, help="d_sae / d_model, image stream")
+    p.add_argument("--expansion-txt", type=float, default=0.75,
+                   help="d_sae / d_model, text stream (few distinct token contexts: wider dies)")
+    p.add_argument("--d-t-embed", type=int, default=64, help="timestep embedding width (small files)")
+    p.add_argument("--l1-img", type=float, default=3e-3, help="shipping L1 (image stream)")
+    p.add_argument("--l1-txt", type=float, default=3e-3, help="shipping L1 (text stream)")
+    p.add_argument("--sweep-l1", type=float, nargs="+", default=[1e-3, 1e-2, 3e-2],
+                   help="extra L1 levels on the sweep sites (the shipping level is added)")
+    p.add_argument("--sweep-k", type=int, nargs="+", default=[8, 16, 32], help="TopK levels on the sweep sites")
+    p.add_argument("--sweep-sites", nargs="+", default=["img_1", "txt_1"],
+                   help="sites with a transcoder-vs-SAE sweep")
+    p.add_argument("--sae-layers", type=int, nargs="+", default=[1, 2], help="layers with shipped SAEs")
+    p.add_argument("--lr", type=float, default=6e-3, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=2048, help="rows per step")
+    p.add_argument("--epochs", type=int, default=6, help="passes over the train harvest")
+    p.add_argument("--splice-prompts", type=int, default=64, help="held-out prompts for spliced generation")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    return p.parse_args()
+
+
+def stage_harvest(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    loaded = load_pipeline(args.model)
+    sites = double_block_sites(loaded.pipe.transformer)
+    train_prompts, held_prompts = load_prompts("shapes:train"), load_prompts("shapes:held_out")
+    if args.quick:
+        train_prompts, held_prompts = train_prompts[::20], held_prompts[::10]
+    common = dict(sites=sites, batch_size=32, shard_rows=65536, text_padding="drop", dtype="bfloat16",
+                  call_kwargs=loaded.call_kwargs, model_name=loaded.model_name, text_subsample=1)
+    out = []
+    # held-out: every image token (more rows make "never active" = dead a fairer count)
+    for name, prompts, seeds, sub in (
+        ("harvest-train", train_prompts, range(args.seeds), args.img_subsample),
+        ("harvest-held", held_prompts, range(1000, 1000 + args.held_seeds), 1),
+    ):
+        t0 = time.time()
+        cfg = HarvestConfig(seeds=list(seeds), subsample=sub, **common)
+        res = harvest(loaded.pipe, prompts, work / name, cfg, resume=True)
+        logger.info("%s: %d prompts x %d seeds -> rows %s in %.0f s", name, len(prompts), len(seeds),
+                    res.rows, time.time() - t0)
+        out.append(work / name)
+    return out[0], out[1]
+
+
+def ship_specs(args: argparse.Namespace, sites: list[Site]) -> tuple[list[DictionarySpec], list[DictionarySpec]]:
+    """(shipping specs, all specs including the sweep)."""
+    lam = {"img": args.l1_img, "txt": args.l1_txt}
+    width = {"img": args.expansion_img, "txt": args.expansion_txt}
+
+    def common(site: Site) -> dict:
+        return dict(expansion_factor=width[site.stream], d_t_embed=args.d_t_embed, lr=args.lr)
+
+    ship = [DictionarySpec(s, "transcoder", "relu", l1_coefficient=lam[s.stream], **common(s)) for s in sites]
+    ship += [DictionarySpec(s, "sae", "relu", l1_coefficient=lam[s.stream], **common(s))
+             for s in sites if s.layer in args.sae_layers]
+    names = {s.resolved_name for s in ship}
+    sweep = []
+    for key in args.sweep_sites:
+        site = next(s for s in sites if site_key(s) == key)
+        for role in ("transcoder", "sae"):
+            for level in sorted(set(args.sweep_l1) | {lam[site.stream]}):
+                sweep.append(DictionarySpec(site, role, "relu", l1_coefficient=level, **common(site)))
+            for k in args.sweep_k:
+                sweep.append(DictionarySpec(site, role, "topk", k=k, **common(site)))
+    return ship, ship + [s for s in sweep if s.resolved_name not in names]
+
+
+def stage_ship(args: argparse.Namespace, work: Path, ship: list[DictionarySpec]) -> None:
+    evals = {e["name"]: e for e in json.loads((work / "eval" / "eval.json").read_text())["evals"]}
+    splice = json.loads((work / "eval" / "splice.json").read_text()) if (work / "eval" / "splice.json").is_file() else []
+    index = []
+    ship_dir = Path(args.ship_dir)
+    with atomic_directory(ship_dir) as tmp:
+        for spec in ship:
+            src = work / "dicts" / spec.resolved_name
+            dst = tmp / f"{spec.role}s" / site_key(spec.site)
+            dst.mkdir(parents=True)
+            for f in ("cfg.json", "sae_weights.safetensors"):
+                shutil.copy2(src / f, dst / f)
+            training = json.loads((src / "training.json").read_text())
+            training["data"]["root"] = "runs/shapes-dictionaries/harvest-train (shapes:train prompts)"
+            atomic_write_json(dst / "training.json", training)
+            metrics = json.loads((src / "metrics.json").read_text())
+            metrics["held_out"] = evals[spec.resolved_name]["groups"]
+            atomic_write_json(dst / "metrics.json", metrics)
+            m = metrics["held_out"]["all"]
+            index.append({"path": f"{spec.role}s/{site_key(spec.site)}", "site": site_key(spec.site),
+                          "role": spec.role, "variant": spec.variant, "d_sae": evals[spec.resolved_name]["d_sae"],
+                          "explained_variance": m["explained_variance"], "l0": m["l0"],
+                          "dead_fraction": m["dead_fraction"], "dense_fraction": m["dense_fraction"]})
+        atomic_write_json(tmp / "index.json", {"model": "difract-ext/shapes-flux", "dictionaries": index,
+                                               "splice": splice})
+        shutil.copy2(work / "eval" / "sparsity_faithfulness.png", tmp / "sparsity_faithfulness.png")
+        atomic_write_bytes(tmp / "EVAL.md", (work / "eval" / "eval.md").read_bytes())
+    size = sum(p.stat().st_size for p in ship_dir.rglob("*") if p.is_file())
+    logger.info("shipped %d dictionaries to %s (%.1f MB)", len(ship), ship_dir, size / 2**20)
+    if size > 15 * 2**20:
+        logger.warning("shipped size %.1f MB exceeds the 15 MB budget", size / 2**20)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    if args.quick:
+        args.epochs, args.splice_prompts, args.sweep_l1, args.sweep_k = 1, 4, [1e-2], [8]
+        args.sweep_sites = args.sweep_sites[:1]
+    train_dir, held_dir = stage_harvest(args, work)
+    sites = HarvestReader(train_dir).sites
+    ship, specs = ship_specs(args, sites)
+    logger.info("training %d dictionaries (%d shipped)", len(specs), len(ship))
+    cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, lr_warmup_steps=50, lr_end_fraction=0.05,
+                      l1_warmup_steps=200, dead_window=100, resample_every=100, resample_until=0.8,
+                      log_every=100, seed=0)
+    t0 = time.time()
+    train_dictionaries(train_dir, specs, work / "dicts", cfg, resume=True)
+    logger.info("training took %.0f s", time.time() - t0)
+    from difract_ext.toy.analyzer import accuracy_report
+
+    loaded = load_pipeline(args.model)
+    held_prompts = HarvestReader(held_dir).prompts
+    step = max(1, len(held_prompts) // args.splice_prompts)
+    dicts = load_dictionaries(work / "dicts")
+    run_evaluation(
+        dicts, held_dir, work / "eval", pipeline=None if args.no_splice else loaded.pipe, call_kwargs=loaded.call_kwargs,
+        splice_prompts=held_prompts[::step][: args.splice_prompts], splice_seeds=[2000],
+        splice_variant=[s.resolved_name for s in ship if s.role == "transcoder"],
+        score_images=accuracy_report,
+    )
+    print((work / "eval" / "eval.md").read_text())
+    if not args.no_ship:
+        stage_ship(args, work, ship)
+
+
+if __name__ == "__main__":
+    main()

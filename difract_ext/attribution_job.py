@@ -206,3 +206,19 @@ def _slug(prompt: str, seed: int, step: int, targets: list[str]) -> str:
     words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40]
     tgt = re.sub(r"[^a-z0-9]+", "-", "-".join(targets).lower()).strip("-")[:30]
     return f"{words}-s{seed}-step{step}-{tgt}"
+
+
+DEMO_PROMPT = "a red circle on the left and a blue square on the right"
+
+
+def demo_graph(out_dir: str | Path, prompt: str = DEMO_PROMPT, step: int = 1,
+               targets: tuple[str, ...] = ("x0:red@left",)) -> dict[str, Any]:
+    """The demo's graph: the shapes model, its shipped transcoders, "how red is the left object"."""
+    from difract_ext.toy import SHAPES_CALL_DEFAULTS, load_shapes_pipeline, load_shapes_transcoders
+
+    pipe = load_shapes_pipeline()
+    dictionaries = {Site(layer, s): d for (s, layer), d in load_shapes_transcoders().items()}
+    call = {k: v for k, v in SHAPES_CALL_DEFAULTS.items() if k != "num_inference_steps"}
+    return run_attribution(pipe, prompt, step, list(targets), dictionaries, out_dir,
+                           num_inference_steps=int(SHAPES_CALL_DEFAULTS["num_inference_steps"]),
+                           max_feature_nodes=1500, batch_size=128, **call)

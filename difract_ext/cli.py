@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from difract_ext.cli_graphs import add_graph_commands
+
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from difract_ext.adapters.checkpoints import convert_difract_dir
@@ -28,7 +30,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from difract_ext.toy.demo import run_demo
 
     path = run_demo(Path(args.out))
-    print(f"demo written to {path}")
+    print(f"images: {path}")
+    if args.no_graph:
+        return 0
+    from difract_ext.attribution_job import DEMO_PROMPT, demo_graph
+
+    graphs = Path(args.out) / "graphs"
+    report = demo_graph(graphs)
+    print(f"attribution graph of step 1 of {DEMO_PROMPT!r}, target x0:red@left (how red is the left object):")
+    print(f"  {report['graph_file']}")
+    print(f"  nodes: {report['n_feature_nodes']} features + {report['n_residue_nodes']} residue; replacement "
+          f"score {report['replacement_score']:.3f}, completeness {report['completeness_score']:.3f}, "
+          f"conservation error {report['conservation']['max_rel_error']:.1e}, unfrozen ablation Spearman "
+          f"{report['unfrozen_ablation_spearman']:.2f}")
+    print(f"view it with:  .venv/bin/difract serve {graphs}   (then open http://127.0.0.1:8041/)")
     return 0
 
 
@@ -167,13 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run the main job on the shipped shapes model",
         description="Generate images with the shipped toy FLUX model and write a PNG grid "
-        "with the analyzer's verdicts.",
+        "with the analyzer's verdicts, then build an attribution graph of one step for the "
+        "colour of the left object and print the command that serves it.",
     )
     demo.add_argument("--out", default="outputs/demo", help="output folder")
+    demo.add_argument("--no-graph", action="store_true", help="only the image grid, no attribution graph")
     demo.set_defaults(func=_cmd_demo)
     _add_harvest(sub)
     _add_train(sub)
     _add_eval(sub)
+    add_graph_commands(sub)
     return parser
 
 

@@ -122,7 +122,7 @@ def output_target(
         raise ValueError(f"direction has shape {list(direction.shape)}; expected [{c_out}] or [{pos.numel()}, {c_out}]")
     scale = 1.0 if kind == "velocity" else -step.t
     vecs = scale * (u @ proj.weight)  # [k, d]: ∂(u·proj(h))/∂h, times -t for x0
-    offset = scale * float((u * proj.bias).sum()) if proj.bias is not None else 0.0
+    offset = scale * float((u * proj.bias.detach()).sum()) if proj.bias is not None else 0.0
     if kind == "x0":
         x_t = step.hidden_states[0, pos - frozen.n_txt].to(u.dtype)
         offset += float((u * x_t).sum())

@@ -1,0 +1,103 @@
+"""``difract attribute`` and ``difract serve``: argument parsing only (see ``attribution_job``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _load_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
+    """The pipeline and its default call keywords (``shapes`` = the shipped toy model)."""
+    if model == "shapes":
+        from difract_ext.toy import SHAPES_CALL_DEFAULTS, load_shapes_pipeline
+
+        return load_shapes_pipeline(), {k: v for k, v in SHAPES_CALL_DEFAULTS.items() if k != "num_inference_steps"}
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, {}
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from difract_ext.attribution_job import load_dictionaries, run_attribution
+
+    pipe, call = _load_pipeline(args.model)
+    for key in ("height", "width", "max_sequence_length"):
+        if getattr(args, key) is not None:
+            call[key] = getattr(args, key)
+    if args.transcoders:
+        dictionaries = load_dictionaries(args.transcoders)
+    elif args.model == "shapes":
+        from difract_ext.flux.sites import Site
+        from difract_ext.toy import load_shapes_transcoders
+
+        dictionaries = {Site(layer, s): d for (s, layer), d in load_shapes_transcoders().items()}
+    else:
+        raise ValueError("give --transcoders DIR for a model other than the shipped shapes model")
+    report = run_attribution(
+        pipe, args.prompt, args.step, args.target, dictionaries, args.out, seed=args.seed,
+        num_inference_steps=args.steps, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
+        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, validate=not args.no_validate,
+        **call,
+    )
+    print(json.dumps(report, indent=2, default=str))
+    print(f"graph written to {report['graph_file']}\nview it with:  difract serve {args.out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from difract_ext.graphs.server import serve_forever
+
+    if not Path(args.dir).is_dir():
+        raise FileNotFoundError(f"{args.dir}: no such graph folder (write one with `difract attribute --out DIR`)")
+    print(f"serving {args.dir} at http://127.0.0.1:{args.port}/ (Ctrl-C to stop)")
+    serve_forever(args.dir, port=args.port)
+    return 0
+
+
+def add_graph_commands(sub: Any) -> None:
+    """Register ``attribute`` and ``serve`` on the ``difract`` sub-parser."""
+    p = sub.add_parser(
+        "attribute",
+        help="attribution graph of one denoising step (circuit-tracer), written for its frontend",
+        description=(
+            "Run the prompt up to --step, build the local replacement model there (frozen attention "
+            "and LayerNorms, transcoders folded at the step's t, error nodes), attribute the targets "
+            "with circuit-tracer's attribute(), validate (conservation, unfrozen ablation), and write "
+            "OUT/{slug}.json, OUT/{slug}.png, OUT/{slug}.report.json and OUT/graph-metadata.json."
+        ),
+    )
+    p.add_argument("--prompt", required=True, help="one prompt (graphs are per prompt and seed)")
+    p.add_argument("--step", type=int, default=1, help="0-based denoising step to explain (default 1)")
+    p.add_argument("--target", action="append", required=True, metavar="SPEC",
+                   help="KIND:COLOUR@REGION (KIND x0|velocity; COLOUR a shapes-world colour or #rrggbb; "
+                   "REGION all|left|right|top|bottom), or feature:LAYER.STREAM.INDEX; =W weights it. "
+                   "Repeat for several targets. Example: --target x0:red@left")
+    p.add_argument("--out", required=True, help="output folder for graph files")
+    p.add_argument("--model", default="shapes", help="'shapes' (the shipped toy model) or a FluxPipeline folder/hub id")
+    p.add_argument("--transcoders", help="folder of SAELens transcoder folders or DifFRACT .pt files "
+                   "(default for the shapes model: its shipped transcoders)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--steps", type=int, default=4, help="num_inference_steps of the run")
+    p.add_argument("--height", type=int, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, help="image width (default: the model's)")
+    p.add_argument("--max-sequence-length", type=int, help="T5 length (default: the model's)")
+    p.add_argument("--max-feature-nodes", type=int, help="expand at most this many features; the rest "
+                   "become residue nodes (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per backward pass")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="pruning: cumulative node influence kept")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: cumulative edge influence kept")
+    p.add_argument("--no-validate", action="store_true", help="skip conservation and ablation checks")
+    p.set_defaults(func=_cmd_attribute)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve graph files to the (patched, offline) circuit-tracer frontend",
+        description="Serve DIR on 127.0.0.1 only; no file outside DIR or the frontend assets can be read.",
+    )
+    s.add_argument("dir", metavar="DIR", help="folder written by `difract attribute`")
+    s.add_argument("--port", type=int, default=8041, help="port on 127.0.0.1 (default 8041)")
+    s.set_defaults(func=_cmd_serve)

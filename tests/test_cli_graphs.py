@@ -1,0 +1,50 @@
+"""`difract attribute`, `difract serve` and `difract demo` (the main job) from the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def difract(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "difract_ext.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_attribute_on_the_shapes_model(tmp_path: Path) -> None:
+    res = difract("attribute", "--prompt", "a blue square at the top", "--step", "2",
+                  "--target", "x0:blue@top", "--target", "velocity:#ff0000@bottom=0.5",
+                  "--max-feature-nodes", "300", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"difract serve {tmp_path}" in res.stdout
+    (report_file,) = tmp_path.glob("*.report.json")
+    report = json.loads(report_file.read_text())
+    assert report["timestep"] == 0.5 and report["n_feature_nodes"] == 300
+    assert report["conservation"]["max_rel_error"] <= 1e-5
+    graph = json.loads(Path(report["graph_file"]).read_text())
+    labels = {n.get("clerp", "") for n in graph["nodes"]}
+    assert any(lbl.startswith("Output \"x0:blue@top\"") for lbl in labels)
+    assert graph["metadata"]["step"] == 2 and graph["metadata"]["prompt"] == "a blue square at the top"
+
+
+def test_attribute_and_serve_errors(tmp_path: Path) -> None:
+    res = difract("attribute", "--prompt", "a red circle on the left", "--target", "x0:red", "--out", str(tmp_path))
+    assert res.returncode == 2 and "cannot parse target 'x0:red'" in res.stderr
+    res = difract("attribute", "--prompt", "a red circle on the left", "--target", "x0:magenta@left",
+                  "--out", str(tmp_path))
+    assert res.returncode == 2 and "unknown colour 'magenta'" in res.stderr
+    res = difract("serve", str(tmp_path / "nope"))
+    assert res.returncode == 2 and "no such graph folder" in res.stderr
+    for cmd in ("attribute", "serve", "demo"):
+        assert difract(cmd, "--help").returncode == 0
+
+
+def test_demo_main_job(tmp_path: Path) -> None:
+    res = difract("demo", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "shapes_demo.png").exists()
+    assert "view it with:" in res.stdout and "difract serve" in res.stdout
+    meta = json.loads((tmp_path / "graphs" / "graph-metadata.json").read_text())
+    assert len(meta["graphs"]) == 1

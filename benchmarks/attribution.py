@@ -166,7 +166,7 @@ def main() -> None:
     p.add_argument("--model", choices=["shapes", "tiny"], default="shapes")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="image sizes (grid = size / 4)")
     p.add_argument("--nodes", type=int, default=300, help="feature rows expanded by both methods")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32, help="rows per backward (32 is fastest on CPU)")
     p.add_argument("--d-sae", type=int, default=512, help="width of random transcoders if none are shipped")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", choices=["batched", "reference"])

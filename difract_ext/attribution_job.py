@@ -140,7 +140,7 @@ def run_attribution(
     num_inference_steps: int = 4,
     palette: Mapping[str, Any] | None = None,
     max_feature_nodes: int | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     validate: bool = True,
@@ -221,4 +221,4 @@ def demo_graph(out_dir: str | Path, prompt: str = DEMO_PROMPT, step: int = 1,
     call = {k: v for k, v in SHAPES_CALL_DEFAULTS.items() if k != "num_inference_steps"}
     return run_attribution(pipe, prompt, step, list(targets), dictionaries, out_dir,
                            num_inference_steps=int(SHAPES_CALL_DEFAULTS["num_inference_steps"]),
-                           max_feature_nodes=1500, batch_size=128, **call)
+                           max_feature_nodes=1500, **call)

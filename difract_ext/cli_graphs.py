@@ -87,7 +87,7 @@ def add_graph_commands(sub: Any) -> None:
     p.add_argument("--max-sequence-length", type=int, help="T5 length (default: the model's)")
     p.add_argument("--max-feature-nodes", type=int, help="expand at most this many features; the rest "
                    "become residue nodes (default: all)")
-    p.add_argument("--batch-size", type=int, default=256, help="rows per backward pass")
+    p.add_argument("--batch-size", type=int, help="rows per backward pass (default: 32 on CPU, 256 on GPU)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="pruning: cumulative node influence kept")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: cumulative edge influence kept")
     p.add_argument("--no-validate", action="store_true", help="skip conservation and ablation checks")

@@ -20,13 +20,7 @@ STEPS = 4
 S_IMG = 64  # 32x32 image, VAE factor 2, 2x2 packing -> 8x8 tokens
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """One intra-op thread: tiny matrices, and a shared CPU makes extra threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ import torch
 from difract_ext.cli import build_parser, main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

@@ -50,12 +50,7 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def harvest_config(tiny: Any) -> HarvestConfig:

@@ -28,12 +28,7 @@ from difract_ext.training.store import TrainedDictionary
 IMG0 = Site(0, "img")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_dictionary(role: str, activation: str, k: int | None = None) -> TrainedDictionary:

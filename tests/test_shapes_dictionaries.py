@@ -17,12 +17,7 @@ SHIPPED = Path(difract_ext.__file__).resolve().parent / "toy" / "dictionaries"
 pytestmark = pytest.mark.skipif(not (SHIPPED / "index.json").is_file(), reason="dictionaries not shipped yet")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_mlp_has_a_transcoder_and_files_are_small() -> None:

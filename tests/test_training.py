@@ -29,13 +29,7 @@ from difract_ext.training.trainer import _lr_lambda
 IMG0 = Site(0, "img")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """One intra-op thread: tiny matrices, and a shared CPU makes extra threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(d_t_embed=16, lr=1e-2)
 
 

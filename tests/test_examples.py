@@ -26,7 +26,15 @@ def test_load_difract_transcoder_example() -> None:
     assert "SAE.load_from_disk -> TimestepTranscoder, identical outputs: True" in out
 
 
-def test_trace_flux_example() -> None:
+def test_trace_flux_example_on_the_shapes_model() -> None:
+    out = run_example("trace_flux.py")  # default: the shipped shapes model and its transcoders
+    assert out.startswith("model=shapes: 4 double blocks, transcoders at [(1, 'img')]")
+    steps = [line.split()[0] for line in out.splitlines() if line.startswith("t=")]
+    assert steps == ["t=1", "t=0.75", "t=0.5", "t=0.25"]
+    assert "unedited trace identical to plain diffusers: True" in out
+
+
+def test_trace_flux_example_tiny() -> None:
     out = run_example("trace_flux.py", "--model", "tiny")
     steps = [line.split()[0] for line in out.splitlines() if line.startswith("t=")]
     assert steps == ["t=1", "t=0.75", "t=0.5", "t=0.25"]

@@ -184,7 +184,7 @@ def _train_vae(cfg: TrainConfig, vae: AutoencoderKL, images: np.ndarray, prompts
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     start = 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
@@ -277,7 +277,7 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
     ckpt_path, start = run_dir / "ckpt.pt", 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         ema = state["ema"]
         opt.load_state_dict(state["opt"])
@@ -374,14 +374,14 @@ def train_shapes(run_dir: str | Path, cfg: TrainConfig | None = None) -> FluxPip
     arr = np.load(run / "images.npz")
     images, prompt_idx, prompts = arr["images"], arr["prompt_idx"], [str(p) for p in arr["prompts"]]
     if (run / "vae.pt").exists():
-        st = torch.load(run / "vae.pt", map_location="cpu", weights_only=False)
+        st = torch.load(run / "vae.pt", map_location="cpu", weights_only=True)
         pipe.vae.load_state_dict(st["vae"])
         pipe.vae.register_to_config(scaling_factor=st["scaling_factor"], shift_factor=st["shift_factor"])
     else:
         _train_vae(cfg, pipe.vae, images, [prompts[k] for k in prompt_idx], run)
     if not (run / "data.pt").exists():
         _encode_dataset(pipe, images, prompts, run / "data.pt")
-    data = torch.load(run / "data.pt", map_location="cpu", weights_only=False)
+    data = torch.load(run / "data.pt", map_location="cpu", weights_only=True)
     _train_transformer(cfg, pipe, data, prompt_idx, run)
     return pipe
 
@@ -394,10 +394,10 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path) -> Path:
     """
     run = Path(run_dir)
     pipe = FluxPipeline.from_pretrained(str(run / "init"), local_files_only=True)
-    st = torch.load(run / "vae.pt", map_location="cpu", weights_only=False)
+    st = torch.load(run / "vae.pt", map_location="cpu", weights_only=True)
     pipe.vae.load_state_dict(st["vae"])
     pipe.vae.register_to_config(scaling_factor=st["scaling_factor"], shift_factor=st["shift_factor"])
-    ck = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
     pipe.transformer.load_state_dict(ck["ema"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

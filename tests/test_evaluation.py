@@ -104,9 +104,15 @@ class _Probe(torch.nn.Module):
         self.W_dec = torch.nn.Parameter(torch.zeros(1))
         self.seen: list[torch.Tensor] = []
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.seen.append(t.clone())
         return torch.zeros_like(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(z)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x, t))
 
 
 def test_splice_replaces_the_mlp_and_restores_it() -> None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from difract_ext.capture.format import site_key
 from difract_ext.flux.sites import Site
+from difract_ext.splice import TranscoderSite, spliced
 
 logger = logging.getLogger(__name__)
 
@@ -34,32 +35,9 @@ def splice_transcoders(transformer: torch.nn.Module, transcoders: Mapping[Site, 
         transformer: a diffusers ``FluxTransformer2DModel``.
         transcoders: ``{Site: TimestepTranscoder}``; computed in the transcoder's dtype, cast back.
     """
-    state: dict[str, torch.Tensor] = {}
-
-    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
-        if t is None:
-            raise RuntimeError("splice_transcoders: the transformer was called without a timestep")
-        state["t"] = t.detach().float().reshape(-1)
-
-    def make_hook(tc: Any) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = args[0]
-            t = state["t"].to(x.device)
-            t = t.expand(x.shape[0]) if t.numel() == 1 else t
-            dtype = tc.W_dec.dtype
-            return tc(x.to(dtype), t=t).to(output.dtype)
-
-        return hook
-
-    handles = [transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)]
-    try:
-        for site, tc in transcoders.items():
-            handles.append(transformer.get_submodule(site.module_path).register_forward_hook(make_hook(tc)))
+    sites = {site: TranscoderSite(tc, site, mode="replace") for site, tc in transcoders.items()}
+    with spliced(transformer, sites):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()

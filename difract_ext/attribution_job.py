@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from difract_ext.atomic import atomic_write_json
 from difract_ext.flux.directions import colour_directions, region_patches
@@ -166,7 +165,8 @@ def run_attribution(
 
         palette = COLORS
     make = build_targets(requests, pipeline, dictionaries, palette)
-    captured = capture_step_input(pipeline, prompt, step, seed=seed, num_inference_steps=num_inference_steps, **call)
+    captured = capture_step_input(pipeline, prompt, step, seed=seed, num_inference_steps=num_inference_steps,
+                                  finish=True, **call)
     result = attribute_step(pipeline.transformer, captured, dictionaries, make,
                             max_feature_nodes=max_feature_nodes, batch_size=batch_size)
     replacement, completeness = compute_graph_scores(result.graph)
@@ -185,7 +185,7 @@ def run_attribution(
             abl = validation.ablation_spearman(result, top=min(30, len(result.graph.selected_features)))
             report["unfrozen_ablation_spearman"] = abl["spearman"]
             report["unfrozen_ablation_nodes"] = abl["n"]
-    image = _final_image(pipeline, prompt, seed, num_inference_steps, call)
+    image = captured.images[0]
     slug = _slug(prompt, seed, step, targets)
     path = write_graph_files(result.graph, result.meta, out_dir, slug, node_threshold=node_threshold,
                              edge_threshold=edge_threshold, image=image)
@@ -193,13 +193,6 @@ def run_attribution(
     atomic_write_json(Path(out_dir) / f"{slug}.report.json", report)
     logger.info("graph %s: %s", slug, json.dumps({k: report[k] for k in ("replacement_score", "completeness_score")}))
     return report
-
-
-@torch.no_grad()
-def _final_image(pipeline: Any, prompt: str, seed: int, steps: int, call: dict[str, Any]) -> Any:
-    out = pipeline(prompt, num_inference_steps=steps, generator=torch.Generator(pipeline.device).manual_seed(seed),
-                   output_type="np", **call)
-    return out.images[0]
 
 
 def _slug(prompt: str, seed: int, step: int, targets: list[str]) -> str:

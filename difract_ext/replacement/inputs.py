@@ -42,6 +42,7 @@ class FluxStepInput:
     height: int | None = None
     width: int | None = None
     text_tokens: list[str] = field(default_factory=list)
+    images: Any = None  # the finished run's images (``capture_step_input(..., finish=True)``)
 
     @property
     def n_txt(self) -> int:
@@ -86,6 +87,7 @@ def capture_step_input(
     step: int,
     seed: int = 0,
     num_inference_steps: int = 4,
+    finish: bool = False,
     **call: Any,
 ) -> FluxStepInput:
     """Run ``pipeline`` until denoising step ``step`` and return that transformer call.
@@ -95,6 +97,8 @@ def capture_step_input(
         prompt: one prompt (graphs are per prompt and seed).
         step: 0-based step index, ``< num_inference_steps``.
         seed: generator seed, as in ``FluxModel.trace(seed=...)``.
+        finish: run to the end and keep the decoded images (``output_type="np"``) in
+            ``.images``; otherwise stop right after the captured step.
         **call: other pipeline arguments (``height``, ``width``, ``max_sequence_length``...).
 
     Raises:
@@ -114,14 +118,17 @@ def capture_step_input(
     def post(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         if seen["calls"] == step:
             seen["output"] = (out[0] if isinstance(out, tuple) else out.sample).detach().clone()
-            raise _Stop
+            if not finish:
+                raise _Stop
         seen["calls"] += 1
 
     h1 = tf.register_forward_pre_hook(pre, with_kwargs=True)
     h2 = tf.register_forward_hook(post, with_kwargs=True)
+    result = None
     try:
-        pipeline(prompt, num_inference_steps=num_inference_steps, output_type="latent",
-                 generator=torch.Generator(pipeline.device).manual_seed(seed), **call)
+        result = pipeline(prompt, num_inference_steps=num_inference_steps,
+                          output_type="np" if finish else "latent",
+                          generator=torch.Generator(pipeline.device).manual_seed(seed), **call)
     except _Stop:
         pass
     finally:
@@ -145,4 +152,5 @@ def capture_step_input(
         height=call.get("height"),
         width=call.get("width"),
         text_tokens=text_token_labels(pipeline, prompt, max_len),
+        images=None if result is None else result.images,
     )

@@ -19,10 +19,9 @@ TransformerLens ``AttributionContext``, for what it hard-codes for language mode
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any

@@ -255,7 +255,7 @@ class FluxModel(DiffusionModel):
         sites: dict[Site, TranscoderSite] = self._difract_sites
         if "transcoders" in self._module._modules:
             del self._module._modules["transcoders"]
-            self._module_refresh()
+            self._update(self._module)  # drop the envoys of the removed modules
         if not sites:
             return
         n = len(self.pipeline.transformer.transformer_blocks)
@@ -263,9 +263,6 @@ class FluxModel(DiffusionModel):
         for site, mod in sites.items():
             blocks[site.layer][STREAM_MODULES[site.stream]] = mod
         self.transcoders = blocks
-
-    def _module_refresh(self) -> None:
-        self._update(self._module)
 
 
 def _as_site(key: Any) -> Site:

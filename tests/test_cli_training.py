@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
 from difract_ext.cli import build_parser, main
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
 import difract_ext
 from difract_ext import TimestepSAE, TimestepTranscoder

@@ -245,7 +245,7 @@ class FluxReplacementModel:
     def run_forward_pass(self, input_ids: torch.Tensor, batch_size: int, ctx: FluxAttributionContext) -> None:
         self._ctx = ctx
         with ctx.install_hooks(self):
-            self.frozen(batch=batch_size)
+            self.frozen.linear_forward(batch=batch_size)
 
     # ---- values -------------------------------------------------------------------------------
     def target_values(self) -> torch.Tensor:

@@ -78,6 +78,8 @@ def run_batched(args: argparse.Namespace, out: Path) -> dict:
     from difract_ext.adapters.attribution import attribute_step
 
     pipe, step, dics = setup(args.model, args.size, args.d_sae)
+    # warm-up (allocator, thread pool, lazy imports), not timed
+    attribute_step(pipe.transformer, step, dics, targets_for, max_feature_nodes=args.batch, batch_size=args.batch)
     t0 = time.perf_counter()
     res = attribute_step(pipe.transformer, step, dics, targets_for, max_feature_nodes=args.nodes,
                          batch_size=args.batch)
@@ -98,6 +100,10 @@ def run_reference(args: argparse.Namespace, out: Path, batched_file: Path) -> di
 
     pipe, step, dics = setup(args.model, args.size, args.d_sae)
     ref = torch.load(batched_file, weights_only=True)
+    warm = FluxReplacementModel(pipe.transformer, step, dics)  # warm-up as for the batched run, not timed
+    with torch.enable_grad():
+        warm.frozen(batch=1).sum().backward()
+    del warm
     t0 = time.perf_counter()
     model = FluxReplacementModel(pipe.transformer, step, dics)
     model.targets = targets_for(model)

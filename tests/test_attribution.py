@@ -115,6 +115,34 @@ def test_freeze_points_detach_gradients(pipe, step) -> None:
 
 # ---- graphs ----------------------------------------------------------------------------------
 
+def test_linear_forward_matches_the_frozen_forward(pipe, step) -> None:
+    """The lean attribution forward: same hooked values and the same gradients at every hook."""
+    frozen = FrozenFlux(pipe.transformer, step)
+    with pytest.raises(RuntimeError, match="record"):
+        frozen.linear_forward(batch=2)
+    frozen.record()
+    u = torch.randn(frozen.n_img, 16, generator=torch.Generator().manual_seed(5))
+    names = [f"blocks.{layer}.mlp.hook_{io}" for layer in range(frozen.n_layers) for io in ("in", "out")]
+    names += ["hook_embed", "unembed.hook_pre"]
+
+    def run(fn) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        vals: dict[str, torch.Tensor] = {}
+        grads: dict[str, torch.Tensor] = {}
+        fwd = [(n, lambda t, hook: vals.__setitem__(hook.name, t.detach()[1])) for n in names]
+        bwd = [(n, lambda g, hook: grads.__setitem__(hook.name, g.detach()[1])) for n in names]
+        with frozen.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+            out = fn()
+            (out[1] * u).sum().backward()  # row 1 of a batch of 3
+        return vals, grads
+
+    v_live, g_live = run(lambda: frozen(batch=3))
+    v_lin, g_lin = run(lambda: frozen.linear_forward(batch=3))
+    assert set(g_lin) == set(g_live) == set(names)
+    for n in names:  # float re-association only (explicit softmax and LayerNorm): 1e-5
+        torch.testing.assert_close(v_lin[n], v_live[n], rtol=0, atol=1e-5, msg=n)
+        torch.testing.assert_close(g_lin[n], g_live[n], rtol=0, atol=1e-5, msg=n)
+
+
 
 def test_graph_layout_and_nodes(full, step) -> None:
     g, meta = full.graph, full.meta

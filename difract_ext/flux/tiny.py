@@ -67,6 +67,7 @@ class TinyFluxConfig:
     t5_heads: int = 2
     t5_ff: int = 64
     t5_local_offsets: tuple[int, ...] | None = None
+    t5_local_strength: float = 8.0
     clip_dim: int = 32
     clip_layers: int = 2
     clip_heads: int = 2
@@ -195,7 +196,7 @@ def build_tiny_flux_pipeline(
             )
         )
         if cfg.t5_local_offsets is not None:
-            set_t5_local_attention(t5, cfg.t5_local_offsets)
+            set_t5_local_attention(t5, cfg.t5_local_offsets, cfg.t5_local_strength)
         n_blocks = len(cfg.vae_block_out_channels)
         vae = AutoencoderKL(
             in_channels=3,

@@ -88,6 +88,7 @@ class FrozenFlux(HookedRootModule):
         self._tape: list[torch.Tensor] = []
         self._cursor = 0
         self._mlp_override: torch.Tensor | None = None
+        self._clean_mlp_out: torch.Tensor | None = None  # [1, L, P, d], set by record()
 
     @torch.no_grad()
     def _precompute(self) -> None:
@@ -116,19 +117,23 @@ class FrozenFlux(HookedRootModule):
     def _active(self) -> bool:
         return self.freeze and torch.is_grad_enabled()
 
-    def _taped(self, value: torch.Tensor) -> torch.Tensor:
-        """Record ``value`` (clean pass) or return the recorded one (replay)."""
+    def _taped(self, value: torch.Tensor | None) -> torch.Tensor:
+        """Record ``value`` (clean pass) or return the recorded one (replay, ``value`` unused)."""
         if self._mode == "record":
+            assert value is not None
             self._tape.append(value.detach())
         elif self._mode == "replay":
             value = self._tape[self._cursor]
             self._cursor += 1
+        assert value is not None
         return value
 
     def _ln(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """An affine-free LayerNorm whose denominator is a constant for gradients."""
         centred = x - x.mean(dim=-1, keepdim=True)
-        if self._mode != "live":
+        if self._mode == "replay":
+            return centred / self._taped(None)
+        if self._mode == "record":
             sigma = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + module.eps)
             return centred / self._taped(sigma)
         exact = module(x)
@@ -145,41 +150,53 @@ class FrozenFlux(HookedRootModule):
         Double blocks pass image and text inputs separately; single blocks pass the joint
         sequence as ``x_img`` and ``None``.
         """
-        q = attn.norm_q(attn.to_q(x_img).unflatten(-1, (attn.heads, -1)))
-        k = attn.norm_k(attn.to_k(x_img).unflatten(-1, (attn.heads, -1)))
         v = attn.to_v(x_img).unflatten(-1, (attn.heads, -1))
         if x_txt is not None:
-            eq = attn.norm_added_q(attn.add_q_proj(x_txt).unflatten(-1, (attn.heads, -1)))
-            ek = attn.norm_added_k(attn.add_k_proj(x_txt).unflatten(-1, (attn.heads, -1)))
             ev = attn.add_v_proj(x_txt).unflatten(-1, (attn.heads, -1))
-            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
-        q = apply_rotary_emb(q, self._rotary, sequence_dim=1)
-        k = apply_rotary_emb(k, self._rotary, sequence_dim=1)
-        if self._active():
-            q, k = q.detach(), k.detach()
-        if self._mode != "live":
-            q, k = self._taped(q), self._taped(k)
-            if q.shape[0] != v.shape[0]:
-                q, k = q.expand(v.shape[0], *q.shape[1:]), k.expand(v.shape[0], *k.shape[1:])
-        proc = attn.processor
-        out = dispatch_attention_fn(
-            q, k, v, attn_mask=None, backend=getattr(proc, "_attention_backend", None),
-            parallel_config=getattr(proc, "_parallel_config", None),
-        )
-        out = out.flatten(2, 3).to(q.dtype)
+            v = torch.cat([ev, v], dim=1)
+        if self._mode == "replay":
+            # the pattern is a constant of the step: one [1, H, S, S] softmax, shared by the batch
+            q, k = self._taped(None), self._taped(None)
+            scale = q.shape[-1] ** -0.5
+            probs = torch.softmax(torch.einsum("qhd,khd->hqk", q[0], k[0]) * scale, dim=-1).to(v.dtype)
+            b, n, h, d = v.shape  # one [S, S] @ [S, B * D] product per head, forward and backward
+            out = torch.bmm(probs, v.permute(2, 1, 0, 3).reshape(h, n, b * d))
+            out = out.view(h, n, b, d).permute(2, 1, 0, 3)  # [B, S, H, D]
+        else:
+            q = attn.norm_q(attn.to_q(x_img).unflatten(-1, (attn.heads, -1)))
+            k = attn.norm_k(attn.to_k(x_img).unflatten(-1, (attn.heads, -1)))
+            if x_txt is not None:
+                eq = attn.norm_added_q(attn.add_q_proj(x_txt).unflatten(-1, (attn.heads, -1)))
+                ek = attn.norm_added_k(attn.add_k_proj(x_txt).unflatten(-1, (attn.heads, -1)))
+                q, k = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1)
+            q = apply_rotary_emb(q, self._rotary, sequence_dim=1)
+            k = apply_rotary_emb(k, self._rotary, sequence_dim=1)
+            if self._active():
+                q, k = q.detach(), k.detach()
+            if self._mode == "record":
+                q, k = self._taped(q), self._taped(k)
+            proc = attn.processor
+            out = dispatch_attention_fn(
+                q, k, v, attn_mask=None, backend=getattr(proc, "_attention_backend", None),
+                parallel_config=getattr(proc, "_parallel_config", None),
+            )
+        out = out.flatten(2, 3).to(v.dtype)
         if x_txt is None:
             return out, None
         out_txt, out_img = out.split_with_sizes([x_txt.shape[1], out.shape[1] - x_txt.shape[1]], dim=1)
         out_img = attn.to_out[1](attn.to_out[0](out_img.contiguous()))
         return out_img, attn.to_add_out(out_txt.contiguous())
 
-    def _mlp_out(self, layer: int, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _mlp_out(self, layer: int, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         """MLP output as a constant, still attached to the graph so backward hooks fire.
 
         In replay mode the MLP output is the override ``[B, P, d]`` for this layer.
         """
-        if self._mode == "replay" and self._mlp_override is not None:
-            return self._mlp_override[:, layer]
+        if self._mode == "replay":
+            assert self._mlp_override is not None
+            const = self._mlp_override[:, layer]
+            # attached through ``x * 0`` when gradients are on, so hook_out's backward hooks fire
+            return const + x * 0 if torch.is_grad_enabled() else const.expand_as(x)
         return y.detach() + x * 0 if self._active() else y
 
     # ---- blocks ---------------------------------------------------------------------------------
@@ -197,9 +214,9 @@ class FrozenFlux(HookedRootModule):
         hooks = self.blocks[layer].mlp
         x = hooks.hook_in(torch.cat([m_txt, m_img], dim=1))
         m_txt, m_img = x[:, : self.n_txt], x[:, self.n_txt :]
-        y = torch.cat([block.ff_context(m_txt), block.ff(m_img)], dim=1)
+        y = None if self._mode == "replay" else torch.cat([block.ff_context(m_txt), block.ff(m_img)], dim=1)
         y = hooks.hook_out(self._mlp_out(layer, y, x))
-        y_txt, y_img = y[:, : self.n_txt], y[:, self.n_txt :]
+        y_txt, y_img = y.split_with_sizes([self.n_txt, self.n_img], dim=1)  # split: one cat in backward
         img = img + gate_mlp.unsqueeze(1) * y_img
         txt = txt + c_gate_mlp.unsqueeze(1) * y_txt
         return txt, img
@@ -208,15 +225,16 @@ class FrozenFlux(HookedRootModule):
         shift, scale, gate = self._single_mod[layer - self.n_double]
         hooks = self.blocks[layer].mlp
         x = hooks.hook_in(self._ln(block.norm.norm, h) * (1 + scale[:, None]) + shift[:, None])
-        mlp_hidden = block.act_mlp(block.proj_mlp(x))
         attn_out, _ = self._attention(block.attn, x, None)
-        exact = block.proj_out(torch.cat([attn_out, mlp_hidden], dim=2))
         d_attn = attn_out.shape[-1]
         w_attn, w_mlp = block.proj_out.weight[:, :d_attn], block.proj_out.weight[:, d_attn:]
-        y = hooks.hook_out(self._mlp_out(layer, F.linear(mlp_hidden, w_mlp), x))
         if self._mode == "replay":
-            exact = F.linear(attn_out, w_attn, block.proj_out.bias) + y
-        elif self._active():
+            y = hooks.hook_out(self._mlp_out(layer, None, x))
+            return h + gate.unsqueeze(1) * (F.linear(attn_out, w_attn, block.proj_out.bias) + y)
+        mlp_hidden = block.act_mlp(block.proj_mlp(x))
+        exact = block.proj_out(torch.cat([attn_out, mlp_hidden], dim=2))
+        y = hooks.hook_out(self._mlp_out(layer, F.linear(mlp_hidden, w_mlp), x))
+        if self._active():
             exact = _straight(exact, F.linear(attn_out, w_attn) + y)
         return h + gate.unsqueeze(1) * exact
 
@@ -233,7 +251,7 @@ class FrozenFlux(HookedRootModule):
     def forward(self, batch: int = 1, embed: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity ``[batch, n_img, C_out]``; ``embed`` overrides the input embeddings."""
         h = self.hook_embed(self.embed(batch) if embed is None else embed)
-        txt, img = h[:, : self.n_txt], h[:, self.n_txt :]
+        txt, img = h.split_with_sizes([self.n_txt, self.n_img], dim=1)
         for layer, block in enumerate(self.flux.transformer_blocks):
             txt, img = self._double(layer, block, txt, img)
         h = torch.cat([txt, img], dim=1)
@@ -263,6 +281,7 @@ class FrozenFlux(HookedRootModule):
                 velocity = self.forward(batch=1)
         finally:
             self._mode = "live"
+        self._clean_mlp_out = torch.stack(cache["mlp_out"])[None]
         return {
             "embed": cache["embed"],  # type: ignore[dict-item]
             "mlp_in": torch.stack(cache["mlp_in"]),
@@ -270,6 +289,26 @@ class FrozenFlux(HookedRootModule):
             "resid_final": cache["resid_final"],  # type: ignore[dict-item]
             "velocity": velocity[0],
         }
+
+    def linear_forward(self, batch: int = 1) -> torch.Tensor:
+        """The affine model at the clean sources, ``batch`` copies, built for backward passes.
+
+        Fires the same hooks as :meth:`forward` with ``freeze=True`` and gives the same
+        gradients, but computes only the linear path: value projections, the taped attention
+        patterns and LayerNorm scales, the recorded MLP outputs as constants (no MLP, q/k or
+        RoPE work at batch size). Forward values equal the clean ones up to float rounding.
+        Requires :meth:`record`.
+
+        Returns:
+            velocity ``[batch, n_img, C_out]``.
+        """
+        if not self._tape:
+            raise RuntimeError("call record() on the clean step before linear_forward()")
+        self._mode, self._cursor, self._mlp_override = "replay", 0, self._clean_mlp_out
+        try:
+            return self.forward(batch=batch)
+        finally:
+            self._mode, self._mlp_override = "live", None
 
     @torch.no_grad()
     def replay(self, embed: torch.Tensor, mlp_out: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -59,8 +59,17 @@ def shapes_vocabulary() -> tuple[str, ...]:
     return tuple(sorted(words))
 
 
-def shapes_config() -> TinyFluxConfig:
-    """Sizes of the shapes model (VAE scaling/shift are placeholders until trained)."""
+SHAPES_T5_LOCAL_STRENGTH = 8.0
+"""T5 local-attention bias of the shipped model (see :func:`~difract_ext.flux.tiny.set_t5_local_attention`)."""
+
+
+def shapes_config(t5_local_strength: float = SHAPES_T5_LOCAL_STRENGTH) -> TinyFluxConfig:
+    """Sizes of the shapes model (VAE scaling/shift are placeholders until trained).
+
+    Args:
+        t5_local_strength: logit bias of the frozen T5's local attention heads; it sets how
+            much word order (and so colour-to-shape binding) the text states carry.
+    """
     return TinyFluxConfig(
         words=shapes_vocabulary(),
         max_sequence_length=SHAPES_MAX_SEQUENCE_LENGTH,
@@ -75,6 +84,7 @@ def shapes_config() -> TinyFluxConfig:
         t5_heads=4,
         t5_ff=128,
         t5_local_offsets=(-1, 1, -3, 3),
+        t5_local_strength=t5_local_strength,
         clip_dim=64,
         clip_layers=2,
         clip_heads=4,
@@ -87,9 +97,9 @@ def shapes_config() -> TinyFluxConfig:
     )
 
 
-def build_shapes_pipeline(seed: int = 0) -> FluxPipeline:
+def build_shapes_pipeline(seed: int = 0, t5_local_strength: float = SHAPES_T5_LOCAL_STRENGTH) -> FluxPipeline:
     """The shapes model with random weights (the starting point of training)."""
-    return build_tiny_flux_pipeline(shapes_config(), seed=seed)
+    return build_tiny_flux_pipeline(shapes_config(t5_local_strength), seed=seed)
 
 
 def shapes_pipeline_path() -> Path:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from tqdm.auto import tqdm
 
-from difract_ext.toy.pipeline import SHAPES_CALL_DEFAULTS, build_shapes_pipeline
+from difract_ext.toy.pipeline import SHAPES_CALL_DEFAULTS, SHAPES_T5_LOCAL_STRENGTH, build_shapes_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class TrainConfig:
     """Hyper-parameters of :func:`train_shapes` (defaults: the shipped run)."""
 
     seed: int = 0
+    t5_local_strength: float = SHAPES_T5_LOCAL_STRENGTH
     n_images: int = 40_000
     single_fraction: float = 0.4
     held_out_fraction: float = 0.15
@@ -366,7 +367,7 @@ def train_shapes(run_dir: str | Path, cfg: TrainConfig | None = None) -> FluxPip
     cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
     init = run / "init"
     if not (init / "model_index.json").exists():
-        build_shapes_pipeline(seed=cfg.seed).save_pretrained(str(init))
+        build_shapes_pipeline(seed=cfg.seed, t5_local_strength=cfg.t5_local_strength).save_pretrained(str(init))
     pipe = FluxPipeline.from_pretrained(str(init), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     if not (run / "images.npz").exists():

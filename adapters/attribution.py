@@ -118,7 +118,29 @@ class FluxAttributionContext(AttributionContext):
         inject_values: torch.Tensor,
         retain_graph: bool = True,
     ) -> torch.Tensor:
-        """Rows for a batch of targets (index-coded) or features (encoder rows + index column)."""
+        """Rows ``[n, row_size]`` for a batch of targets (index-coded) or features (encoder rows +
+        index column).
+
+        A batch larger than the forward graph's batch is sorted by layer and cut into chunks of
+        that size, so each backward pass starts at its own chunk's deepest layer (a row's backward
+        never needs the layers above its feature).
+        """
+        chunk = self._resid_activations[0].shape[0]  # type: ignore[union-attr]
+        n = len(layers)
+        if n <= chunk:
+            return self._compute_chunk(layers, positions, inject_values, retain_graph)
+        order = torch.argsort(layers, stable=True)
+        rows = torch.empty(n, self._row_size, dtype=self.encoder_vecs.dtype)
+        for start in range(0, n, chunk):
+            sel = order[start : start + chunk]
+            last = start + chunk >= n
+            rows[sel] = self._compute_chunk(layers[sel], positions[sel], inject_values[sel],
+                                            retain_graph if last else True)
+        return rows
+
+    def _compute_chunk(
+        self, layers: torch.Tensor, positions: torch.Tensor, inject_values: torch.Tensor, retain_graph: bool
+    ) -> torch.Tensor:
         n = len(layers)
         is_target = inject_values.shape[1] == 1
         index = inject_values[:, -1].round().long()
@@ -195,6 +217,7 @@ class FluxReplacementModel:
             site.check_in(self.frozen.n_double)
         self.scan = scan
         self.targets: list[TargetSpec] = []
+        self.backward_batch: int | None = None  # rows per backward pass (None: circuit-tracer's batch)
         self.clean = self.frozen.record()
         self.components = step_components(
             self.dictionaries, self.clean["mlp_in"], self.clean["mlp_out"], step.t, step.n_txt, self.frozen.n_double
@@ -243,9 +266,10 @@ class FluxReplacementModel:
         return ctx
 
     def run_forward_pass(self, input_ids: torch.Tensor, batch_size: int, ctx: FluxAttributionContext) -> None:
+        """Build the affine graph at ``min(batch_size, backward_batch)`` copies (rows per backward)."""
         self._ctx = ctx
         with ctx.install_hooks(self):
-            self.frozen.linear_forward(batch=batch_size)
+            self.frozen.linear_forward(batch=min(batch_size, self.backward_batch or batch_size))
 
     # ---- values -------------------------------------------------------------------------------
     def target_values(self) -> torch.Tensor:
@@ -262,6 +286,7 @@ def attribute_step(
     *,
     max_feature_nodes: int | None = None,
     batch_size: int | None = None,
+    backward_batch: int | None = None,
     scan: str | None = None,
     model_name: str = "flux",
     verbose: bool = False,
@@ -276,12 +301,22 @@ def attribute_step(
             often need the model's frozen step, e.g. :func:`output_target`).
         max_feature_nodes: expand at most this many features (None: all); the others' effects
             become residue nodes.
-        batch_size: rows per backward pass (and forward replication), as in circuit-tracer; None
-            picks 32 on CPU (cache-bound: smaller is faster there) and 256 on GPUs.
+        batch_size: circuit-tracer's batch (rows per ``compute_batch`` call; its influence
+            ranking is refreshed every 4 batches); None picks 128 on CPU and 256 on GPUs.
+        backward_batch: rows per backward pass (the forward graph is built at this many copies);
+            a larger circuit-tracer batch is sorted by layer and cut into backward batches of
+            this size. None picks 32 on CPU (cache-bound: smaller is faster there) and
+            ``batch_size`` on GPUs.
     """
+    cuda = next(transformer.parameters()).is_cuda
     if batch_size is None:
-        batch_size = 256 if next(transformer.parameters()).is_cuda else 32
+        batch_size = 256 if cuda else 128
+    if backward_batch is None:
+        backward_batch = batch_size if cuda else 32
+    if batch_size < 1 or backward_batch < 1:
+        raise ValueError(f"batch_size ({batch_size}) and backward_batch ({backward_batch}) must be >= 1")
     model = FluxReplacementModel(transformer, step, dictionaries, scan=scan, model_name=model_name)
+    model.backward_batch = backward_batch
     specs = list(targets(model) if callable(targets) else targets)
     if not specs:
         raise ValueError("attribute_step needs at least one target")

@@ -79,10 +79,11 @@ def run_batched(args: argparse.Namespace, out: Path) -> dict:
 
     pipe, step, dics = setup(args.model, args.size, args.d_sae)
     # warm-up (allocator, thread pool, lazy imports), not timed
-    attribute_step(pipe.transformer, step, dics, targets_for, max_feature_nodes=args.batch, batch_size=args.batch)
+    attribute_step(pipe.transformer, step, dics, targets_for, max_feature_nodes=args.backward_batch,
+                   batch_size=args.batch, backward_batch=args.backward_batch)
     t0 = time.perf_counter()
     res = attribute_step(pipe.transformer, step, dics, targets_for, max_feature_nodes=args.nodes,
-                         batch_size=args.batch)
+                         batch_size=args.batch, backward_batch=args.backward_batch)
     elapsed = time.perf_counter() - t0
     g = res.graph
     n_feat = len(g.selected_features)
@@ -172,7 +173,9 @@ def main() -> None:
     p.add_argument("--model", choices=["shapes", "tiny"], default="shapes")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="image sizes (grid = size / 4)")
     p.add_argument("--nodes", type=int, default=300, help="feature rows expanded by both methods")
-    p.add_argument("--batch", type=int, default=32, help="rows per backward (32 is fastest on CPU)")
+    p.add_argument("--batch", type=int, default=128, help="circuit-tracer's batch (rows per compute_batch call)")
+    p.add_argument("--backward-batch", type=int, default=32,
+                   help="rows per backward pass; larger batches are layer-sorted into these (32 is fastest on CPU)")
     p.add_argument("--d-sae", type=int, default=512, help="width of random transcoders if none are shipped")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", choices=["batched", "reference"])
@@ -186,14 +189,14 @@ def main() -> None:
         info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(info))
         return
-    print(f"model={args.model} feature rows={args.nodes} batch={args.batch} threads={args.threads} torch={torch.__version__}")
+    print(f"model={args.model} feature rows={args.nodes} batch={args.batch}/{args.backward_batch} threads={args.threads} torch={torch.__version__}")
     print(f"{'size':>5} {'P':>5} {'L':>3} {'active':>7} {'rows':>5} {'batched s':>10} {'reference s':>12} "
           f"{'speed-up':>9} {'RSS batched':>12} {'RSS ref':>8} {'max rel diff':>13}")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             bf, rf = Path(tmp) / f"b{size}.pt", Path(tmp) / f"r{size}.pt"
             common = [sys.executable, __file__, "--model", args.model, "--size", str(size), "--nodes", str(args.nodes),
-                      "--batch", str(args.batch), "--d-sae", str(args.d_sae), "--threads", str(args.threads)]
+                      "--batch", str(args.batch), "--backward-batch", str(args.backward_batch), "--d-sae", str(args.d_sae), "--threads", str(args.threads)]
             b = json.loads(subprocess.run(common + ["--worker", "batched", "--io", str(bf), str(rf)],
                                           check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             r = json.loads(subprocess.run(common + ["--worker", "reference", "--io", str(rf), str(bf)],

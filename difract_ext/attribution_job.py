@@ -140,6 +140,7 @@ def run_attribution(
     palette: Mapping[str, Any] | None = None,
     max_feature_nodes: int | None = None,
     batch_size: int | None = None,
+    backward_batch: int | None = None,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     validate: bool = True,
@@ -168,7 +169,8 @@ def run_attribution(
     captured = capture_step_input(pipeline, prompt, step, seed=seed, num_inference_steps=num_inference_steps,
                                   finish=True, **call)
     result = attribute_step(pipeline.transformer, captured, dictionaries, make,
-                            max_feature_nodes=max_feature_nodes, batch_size=batch_size)
+                            max_feature_nodes=max_feature_nodes, batch_size=batch_size,
+                            backward_batch=backward_batch)
     replacement, completeness = compute_graph_scores(result.graph)
     report: dict[str, Any] = {
         "prompt": prompt, "seed": seed, "step": step, "timestep": captured.t,

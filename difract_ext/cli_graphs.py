@@ -40,6 +40,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     report = run_attribution(
         pipe, args.prompt, args.step, args.target, dictionaries, args.out, seed=args.seed,
         num_inference_steps=args.steps, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
+        backward_batch=args.backward_batch,
         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, validate=not args.no_validate,
         **call,
     )
@@ -87,7 +88,11 @@ def add_graph_commands(sub: Any) -> None:
     p.add_argument("--max-sequence-length", type=int, help="T5 length (default: the model's)")
     p.add_argument("--max-feature-nodes", type=int, help="expand at most this many features; the rest "
                    "become residue nodes (default: all)")
-    p.add_argument("--batch-size", type=int, help="rows per backward pass (default: 32 on CPU, 256 on GPU)")
+    p.add_argument("--batch-size", type=int,
+                   help="circuit-tracer's batch: rows per compute_batch call (default: 128 on CPU, 256 on GPU)")
+    p.add_argument("--backward-batch", type=int,
+                   help="rows per backward pass; larger batches are sorted by layer into these "
+                        "(default: 32 on CPU, the batch size on GPU)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="pruning: cumulative node influence kept")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: cumulative edge influence kept")
     p.add_argument("--no-validate", action="store_true", help="skip conservation and ablation checks")

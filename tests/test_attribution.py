@@ -57,7 +57,7 @@ def full(pipe, step, dics, direction):
         output_target(m.frozen, LEFT, direction, kind="x0", label="x0·u @ left", weight=2.0),
         output_target(m.frozen, "all", -direction, kind="velocity", label="v·-u @ all", weight=1.0),
     ]
-    return attribute_step(pipe.transformer, step, dics, targets, batch_size=64)
+    return attribute_step(pipe.transformer, step, dics, targets, batch_size=64, backward_batch=16)  # layer-sorted chunks
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,11 @@ Stages (each resumes or is skipped when its output exists; ``--fresh`` starts ov
    padding dropped), and over the held-out prompts (``shapes:held_out``, other seeds, every token).
 2. **train**, one pass for everything: DifFRACT-recipe ReLU transcoders for every MLP and SAE
    baselines on ``--sae-layers`` at the shipping sparsity, plus a sweep of sparsity levels
-   (transcoder vs SAE, ReLU L1 and TopK k) on ``--sweep-sites`` for the curves.
+   (transcoder vs SAE, ReLU L1 and TopK k) on ``--sweep-sites`` for the curves. Shipping L1 is
+   per stream (``--l1-img``/``--l1-txt``) with per-site overrides (``--l1-site img_0=3e-3``);
+   dead features are resampled while silent for 100 steps *or* rarer than
+   ``--resample-min-rate`` (rare training features are the ones dead on held-out prompts).
+   Targets on the held-out harvest, every shipped transcoder: EV >= 0.9, dead < 5%, L0 <= 25%.
 3. **eval** on the held-out harvest: FVU / EV / cosine / L0 / dead / dense per timestep, curves,
    spliced generation (each MLP alone, then all) with the shapes analyzer's prompt adherence.
 4. **ship**: the shipping dictionaries to ``difract_ext/toy/dictionaries/{transcoders,saes}/{site}/``
@@ -20,7 +24,7 @@ site yet.
 
 Usage::
 
-    python scripts/train_shapes_dictionaries.py                  # full run (~15 min on 2 CPU cores)
+    python scripts/train_shapes_dictionaries.py                  # full run (~20 min on 2 CPU cores)
     python scripts/train_shapes_dictionaries.py --quick --no-ship --work /tmp/sd   # smoke test
 """
 
@@ -59,24 +63,51 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=6, help="train seeds per prompt (0..N-1)")
     p.add_argument("--held-seeds", type=int, default=2, help="held-out seeds per prompt (1000..)")
     p.add_argument("--img-subsample", type=int, default=4, help="keep 1/N image tokens per step")
-    p.add_argument("--expansion-img", type=float, default=1.5, help="d_sae / d_model, image stream")
+    p.add_argument("--expansion-img", type=float, default=2.0, help="d_sae / d_model, image stream")
     p.add_argument("--expansion-txt", type=float, default=0.75,
                    help="d_sae / d_model, text stream (few distinct token contexts: wider dies)")
     p.add_argument("--d-t-embed", type=int, default=64, help="timestep embedding width (small files)")
-    p.add_argument("--l1-img", type=float, default=3e-3, help="shipping L1 (image stream)")
-    p.add_argument("--l1-txt", type=float, default=3e-3, help="shipping L1 (text stream)")
-    p.add_argument("--sweep-l1", type=float, nargs="+", default=[1e-3, 1e-2, 3e-2],
+    p.add_argument("--l1-img", type=float, default=1e-3, help="shipping L1 (image stream)")
+    p.add_argument("--l1-txt", type=float, default=1.2e-3, help="shipping L1 (text stream)")
+    p.add_argument("--l1-site", nargs="*", default=["img_0=3e-3"], metavar="SITE=L1",
+                   help="shipping L1 overrides per site (img_0's MLP is the most linear: at the stream's L1 "
+                        "its transcoder is dense)")
+    p.add_argument("--sweep-l1", type=float, nargs="+", default=[3e-4, 3e-3, 1e-2, 3e-2],
                    help="extra L1 levels on the sweep sites (the shipping level is added)")
     p.add_argument("--sweep-k", type=int, nargs="+", default=[8, 16, 32], help="TopK levels on the sweep sites")
     p.add_argument("--sweep-sites", nargs="+", default=["img_1", "txt_1"],
                    help="sites with a transcoder-vs-SAE sweep")
     p.add_argument("--sae-layers", type=int, nargs="+", default=[1, 2], help="layers with shipped SAEs")
-    p.add_argument("--lr", type=float, default=6e-3, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
     p.add_argument("--batch-size", type=int, default=2048, help="rows per step")
     p.add_argument("--epochs", type=int, default=6, help="passes over the train harvest")
+    p.add_argument("--resample-min-rate", type=float, default=2e-4,
+                   help="also resample features firing on fewer than this fraction of rows between checks "
+                        "(rare features are the ones never active on held-out prompts)")
+    p.add_argument("--resample-until", type=float, default=0.8,
+                   help="no resampling after this fraction of training")
     p.add_argument("--splice-prompts", type=int, default=64, help="held-out prompts for spliced generation")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    return p.parse_args()
+    args = p.parse_args()
+    args.l1_site = parse_site_levels(args.l1_site, p)
+    return args
+
+
+def parse_site_levels(items: list[str], parser: argparse.ArgumentParser) -> dict[str, float]:
+    """``["img_0=3e-3", ...]`` -> ``{"img_0": 0.003, ...}`` (errors through ``parser``)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError(item)
+            stream, layer = key.split("_")
+            if stream not in ("img", "txt") or not layer.isdigit():
+                raise ValueError(item)
+            out[key] = float(value)
+        except ValueError:
+            parser.error(f"--l1-site expects SITE=L1 with SITE like img_0 or txt_3, got {item!r}")
+    return out
 
 
 def stage_harvest(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
@@ -110,15 +141,21 @@ def ship_specs(args: argparse.Namespace, sites: list[Site]) -> tuple[list[Dictio
     def common(site: Site) -> dict:
         return dict(expansion_factor=width[site.stream], d_t_embed=args.d_t_embed, lr=args.lr)
 
-    ship = [DictionarySpec(s, "transcoder", "relu", l1_coefficient=lam[s.stream], **common(s)) for s in sites]
-    ship += [DictionarySpec(s, "sae", "relu", l1_coefficient=lam[s.stream], **common(s))
+    def ship_l1(site: Site) -> float:
+        return args.l1_site.get(site_key(site), lam[site.stream])
+
+    unknown = sorted(set(args.l1_site) - {site_key(s) for s in sites})
+    if unknown:
+        raise SystemExit(f"--l1-site names sites that were not harvested: {unknown}")
+    ship = [DictionarySpec(s, "transcoder", "relu", l1_coefficient=ship_l1(s), **common(s)) for s in sites]
+    ship += [DictionarySpec(s, "sae", "relu", l1_coefficient=ship_l1(s), **common(s))
              for s in sites if s.layer in args.sae_layers]
     names = {s.resolved_name for s in ship}
     sweep = []
     for key in args.sweep_sites:
         site = next(s for s in sites if site_key(s) == key)
         for role in ("transcoder", "sae"):
-            for level in sorted(set(args.sweep_l1) | {lam[site.stream]}):
+            for level in sorted(set(args.sweep_l1) | {ship_l1(site)}):
                 sweep.append(DictionarySpec(site, role, "relu", l1_coefficient=level, **common(site)))
             for k in args.sweep_k:
                 sweep.append(DictionarySpec(site, role, "topk", k=k, **common(site)))
@@ -173,8 +210,8 @@ def main() -> None:
     ship, specs = ship_specs(args, sites)
     logger.info("training %d dictionaries (%d shipped)", len(specs), len(ship))
     cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, lr_warmup_steps=50, lr_end_fraction=0.05,
-                      l1_warmup_steps=200, dead_window=100, resample_every=100, resample_until=0.8,
-                      log_every=100, seed=0)
+                      l1_warmup_steps=200, dead_window=100, resample_every=100, resample_until=args.resample_until,
+                      resample_min_rate=args.resample_min_rate, log_every=100, seed=0)
     t0 = time.time()
     train_dictionaries(train_dir, specs, work / "dicts", cfg, resume=True)
     logger.info("training took %.0f s", time.time() - t0)

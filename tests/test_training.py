@@ -147,6 +147,32 @@ def test_resampling_revives_dead_features(
         assert dead >= 0.5
 
 
+@pytest.mark.parametrize("min_rate", [0.0, 1e-3])
+def test_rate_criterion_resamples_features_the_silence_window_misses(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_rate: float
+) -> None:
+    """With a silence window longer than the run only ``resample_min_rate`` can revive features."""
+    _kill_half(monkeypatch)
+    spec = DictionarySpec(IMG0, "transcoder", "relu", l1_coefficient=1e-3, d_sae=64, **SMALL)
+    cfg = TrainConfig(batch_size=256, epochs=2, dead_window=10**6, resample_every=10, resample_until=0.5,
+                      resample_min_rate=min_rate, log_every=0)
+    res = train_dictionaries(data["train"], [spec], tmp_path / "out", cfg, progress=False)
+    ev = evaluate_dictionaries(load_dictionaries(tmp_path / "out"), data["held"], progress=False)[0]
+    dead = ev.groups["all"]["dead_fraction"]
+    if min_rate:
+        assert res.metrics[spec.resolved_name]["resampled"] >= 32
+        assert dead < 0.1
+    else:
+        assert res.metrics[spec.resolved_name]["resampled"] == 0
+        assert dead >= 0.5
+
+
+def test_resample_min_rate_is_validated() -> None:
+    for bad in (-1e-4, 1.0):
+        with pytest.raises(ValueError, match="resample_min_rate"):
+            TrainConfig(resample_min_rate=bad)
+
+
 def test_auxk_loss_sends_gradient_to_dead_latents() -> None:
     spec = DictionarySpec(IMG0, "transcoder", "topk", k=2, d_sae=32, d_t_embed=16)
     d = build_dictionary(spec, 16, seed=0)
@@ -211,3 +237,8 @@ def test_rejects_duplicate_names_and_missing_sites(data: dict[str, Path], tmp_pa
     with pytest.raises(ValueError, match="fewer rows"):
         train_dictionaries(data["train"], [DictionarySpec(IMG0)], tmp_path / "o",
                            TrainConfig(batch_size=10**6), progress=False)
+
+
+def test_l1_levels_that_round_alike_get_distinct_names() -> None:
+    names = {DictionarySpec(IMG0, l1_coefficient=lam).variant for lam in (1e-3, 1.2e-3, 1.5e-3)}
+    assert names == {"relu_l1-1e-03_x8", "relu_l1-1.2e-03_x8", "relu_l1-1.5e-03_x8"}

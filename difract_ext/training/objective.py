@@ -24,7 +24,8 @@ from torch import nn
 class StepOutput(NamedTuple):
     """What one forward pass reports (all detached except ``loss``).
 
-    ``fired [d_sae]`` bool: features active on some row of the batch; ``sq_err [B]``:
+    ``fired [d_sae]`` bool: features active on some row of the batch; ``fire_counts [d_sae]``:
+    rows of the batch each feature is active on; ``sq_err [B]``:
     per-row squared error; ``sse``/``sst``: sums for the batch FVU.
     """
 
@@ -34,6 +35,7 @@ class StepOutput(NamedTuple):
     aux: torch.Tensor
     fired: torch.Tensor
     sq_err: torch.Tensor
+    fire_counts: torch.Tensor
 
 
 class Objective(nn.Module):
@@ -78,6 +80,7 @@ class Objective(nn.Module):
             aux=aux.detach(),
             fired=active.any(0).detach(),
             sq_err=sq_err.detach(),
+            fire_counts=active.sum(0).detach(),
         )
 
     def _aux_loss(self, pre: torch.Tensor, e: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:

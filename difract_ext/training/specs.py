@@ -94,7 +94,12 @@ class DictionarySpec:
 
     @property
     def variant(self) -> str:
-        sparsity = f"l1-{self.l1_coefficient:.0e}" if self.activation == "relu" else f"k-{self.k}"
+        if self.activation == "relu":
+            lam = float(self.l1_coefficient)  # type: ignore[arg-type]
+            # one significant digit when exact (1e-03), else two (1.2e-03): distinct levels, distinct names
+            sparsity = f"l1-{lam:.0e}" if float(f"{lam:.0e}") == lam else f"l1-{lam:.1e}"
+        else:
+            sparsity = f"k-{self.k}"
         width = f"d{self.d_sae}" if self.d_sae is not None else f"x{self.expansion_factor:g}"
         return f"{self.activation}_{sparsity}_{width}"
 
@@ -134,6 +139,10 @@ class TrainConfig:
         dead_window: a feature that has not fired for this many steps is dead.
         resample_every: steps between dead-feature resamplings (``resample`` remedy); 0: never.
         resample_until: no resampling after this fraction of a dictionary's steps.
+        resample_min_rate: at each resampling check, features that fired on fewer than this
+            fraction of the rows seen since the previous check are resampled too (not only those
+            silent for ``dead_window`` steps). Rare features fire on training-set specifics and
+            are typically never active on held-out data; 0 keeps the plain criterion.
         auxk_coefficient: weight of the auxiliary dead-latent loss (``auxk`` remedy).
         auxk_k: latents used by the auxiliary loss (default ``d_out // 2``).
         checkpoint_every_steps: write a checkpoint every this many steps (0: only by time).
@@ -155,6 +164,7 @@ class TrainConfig:
     dead_window: int = 1000
     resample_every: int = 2000
     resample_until: float = 0.75
+    resample_min_rate: float = 0.0
     auxk_coefficient: float = 1.0 / 32.0
     auxk_k: int | None = None
     checkpoint_every_steps: int = 0
@@ -166,6 +176,8 @@ class TrainConfig:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.batch_size < 1 or self.epochs < 1 or self.mix_shards < 1:
             raise ValueError("batch_size, epochs and mix_shards must be >= 1")
+        if not 0.0 <= self.resample_min_rate < 1.0:
+            raise ValueError(f"resample_min_rate must be in [0, 1), got {self.resample_min_rate}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -89,6 +89,8 @@ class _State:
             self.optimizer, _lr_lambda(total, cfg.lr_warmup_steps, cfg.lr_end_fraction)
         )
         self.since_fired = torch.zeros(module.cfg.d_sae, dtype=torch.long)
+        self.fire_counts = torch.zeros(module.cfg.d_sae, dtype=torch.long)  # since the last resampling check
+        self.rows_counted = 0
         self.steps = 0
         self.resampled = 0
         self.history: list[dict[str, float]] = []
@@ -100,6 +102,8 @@ class _State:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "since_fired": self.since_fired.clone(),
+            "fire_counts": self.fire_counts.clone(),
+            "rows_counted": self.rows_counted,
             "steps": self.steps,
             "resampled": self.resampled,
             "history": list(self.history),
@@ -111,6 +115,8 @@ class _State:
         self.optimizer.load_state_dict(d["optimizer"])
         self.scheduler.load_state_dict(d["scheduler"])
         self.since_fired = d["since_fired"].clone()
+        self.fire_counts = d.get("fire_counts", torch.zeros_like(self.since_fired)).clone()
+        self.rows_counted = int(d.get("rows_counted", 0))
         self.steps, self.resampled = int(d["steps"]), int(d["resampled"])
         self.history, self.window = list(d["history"]), dict(d["window"])
 
@@ -301,11 +307,15 @@ def _step(st: _State, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, cfg: Tr
     st.scheduler.step()
     st.optimizer.zero_grad(set_to_none=True)
     st.module.normalize_decoder_()
-    fired = out.fired
+    counts = out.fire_counts
     if acc.num_processes > 1:
-        fired = acc.reduce(fired.float(), reduction="sum") > 0
+        counts = acc.reduce(counts, reduction="sum")
+    counts = counts.cpu()
+    fired = counts > 0
     st.since_fired += 1
-    st.since_fired[fired.cpu()] = 0
+    st.since_fired[fired] = 0
+    st.fire_counts += counts
+    st.rows_counted += cfg.batch_size
     st.steps += 1
     for k, v in (("nmse", out.nmse), ("l0", out.l0), ("aux", out.aux)):
         st.window[k] += float(v)
@@ -314,7 +324,12 @@ def _step(st: _State, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, cfg: Tr
         spec.remedy == "resample" and cfg.resample_every and st.steps % cfg.resample_every == 0
         and st.steps <= cfg.resample_until * st.total
     ):
-        dead_idx = torch.nonzero(st.since_fired >= cfg.dead_window).flatten()
+        dead = st.since_fired >= cfg.dead_window
+        if cfg.resample_min_rate and st.rows_counted:
+            dead |= st.fire_counts < cfg.resample_min_rate * st.rows_counted
+        st.fire_counts.zero_()
+        st.rows_counted = 0
+        dead_idx = torch.nonzero(dead).flatten()
         if len(dead_idx):
             if acc.num_processes > 1:
                 x, y, t = acc.gather(x), acc.gather(y), acc.gather(t)

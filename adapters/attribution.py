@@ -169,8 +169,10 @@ class FluxAttributionContext(AttributionContext):
             for layer, items in injections.items()
         ]
         try:
-            start = self._resid_activations[max(injections)]
-            start.backward(gradient=torch.zeros_like(start), retain_graph=retain_graph)  # type: ignore[union-attr]
+            # every injected layer is a root: an MLP input has no path to later layers (frozen MLP)
+            roots = [self._resid_activations[layer] for layer in injections]
+            torch.autograd.backward(roots, grad_tensors=[torch.zeros_like(r) for r in roots],  # type: ignore[arg-type]
+                                    retain_graph=retain_graph)
         finally:
             for h in handles:
                 h.remove()

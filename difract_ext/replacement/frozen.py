@@ -40,6 +40,22 @@ def _straight(exact: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
     return exact.detach() + (linear - linear.detach())
 
 
+class _Constant(torch.autograd.Function):
+    """``value`` (broadcast to ``like``'s shape) as a node of ``like``'s graph that passes no gradient.
+
+    Downstream backward hooks still fire on it (it requires grad), but backward does no work
+    for it: cheaper than ``value + like * 0``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return value.expand_as(like).clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:  # noqa: ARG004
+        return None, None
+
+
 class _MLPHooks(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -195,9 +211,10 @@ class FrozenFlux(HookedRootModule):
         if self._mode == "replay":
             assert self._mlp_override is not None
             const = self._mlp_override[:, layer]
-            # attached through ``x * 0`` when gradients are on, so hook_out's backward hooks fire
-            return const + x * 0 if torch.is_grad_enabled() else const.expand_as(x)
-        return y.detach() + x * 0 if self._active() else y
+            # attached to x's graph when gradients are on, so hook_out's backward hooks fire
+            return _Constant.apply(const, x) if torch.is_grad_enabled() else const.expand_as(x)
+        assert y is not None
+        return _Constant.apply(y.detach(), x) if self._active() else y
 
     # ---- blocks ---------------------------------------------------------------------------------
     def _double(self, layer: int, block: Any, txt: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

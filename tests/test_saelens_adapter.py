@@ -103,6 +103,7 @@ def test_fresh_process_load(tmp_path: Path) -> None:
     code = f"""
 import torch, difract_ext
 from sae_lens import SAE
+torch.set_num_threads({torch.get_num_threads()})  # MKL's kernel choice depends on the thread count
 tc = SAE.load_from_disk(r"{tmp_path / 'tc'}")
 io = torch.load(r"{tmp_path / 'io.pt'}", weights_only=True)
 assert type(tc).__name__ == "TimestepTranscoder", type(tc)

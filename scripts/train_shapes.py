@@ -33,9 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the files in --out")
     ap.add_argument("--export", type=Path, default=None, help="save_pretrained the trained pipeline here")
     ap.add_argument("--export-only", action="store_true", help="only export from --out")
+    ap.add_argument("--export-from", type=Path, default=None,
+                    help="checkpoint to export (default: --out/ckpt.pt; e.g. --out/snapshots/ema_002400.pt)")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+        value = getattr(defaults, f.name)
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=value)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
         train_shapes(args.out, cfg)
     if args.export is not None:
-        export_pipeline(args.out, args.export)
+        export_pipeline(args.out, args.export, args.export_from)
     return 0
 
 

@@ -95,3 +95,30 @@ def test_prompt_controls_the_image(pipe):
 def test_missing_folder_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_shapes_pipeline(path=tmp_path)
+
+
+def test_shipped_text_encoder_has_the_configured_local_attention(pipe):
+    """The shipped T5 is the random init of ``shapes_config()``: its only order signal is the
+    local-attention bias ``SHAPES_T5_LOCAL_STRENGTH`` at the configured offsets."""
+    from difract_ext.flux.tiny import _t5_bucket
+    from difract_ext.toy.pipeline import SHAPES_T5_LOCAL_STRENGTH, shapes_config
+
+    t5 = pipe.text_encoder_2
+    bias = t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight  # [buckets, heads]
+    offsets = shapes_config().t5_local_offsets
+    expected = torch.zeros_like(bias)
+    for h, off in enumerate(offsets):
+        expected[_t5_bucket(off, t5.config.relative_attention_num_buckets, t5.config.relative_attention_max_distance), h] = SHAPES_T5_LOCAL_STRENGTH
+    assert torch.equal(bias, expected)
+
+
+def test_training_schedule_has_one_warm_restart():
+    from difract_ext.toy.train import TrainConfig, _lr_at
+
+    cfg = TrainConfig(steps=1000, warmup=100, lr=1e-3, restart_steps=400, restart_lr=2e-4, min_lr_ratio=0.05)
+    assert _lr_at(cfg, 0) == pytest.approx(1e-5)
+    assert _lr_at(cfg, 100) == pytest.approx(1e-3)
+    assert _lr_at(cfg, 999) == pytest.approx(5e-5, rel=1e-3)
+    assert _lr_at(cfg, 1000) == pytest.approx(2e-4)  # the restart
+    assert _lr_at(cfg, 1200) == pytest.approx(2e-4 * (0.05 + 0.95 * 0.5))
+    assert _lr_at(cfg, 1400) == pytest.approx(1e-5)

@@ -68,6 +68,8 @@ class TrainConfig:
     lr: float = 7e-4
     warmup: int = 200
     min_lr_ratio: float = 0.05
+    restart_steps: int = 0
+    restart_lr: float = 2e-4
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -76,6 +78,7 @@ class TrainConfig:
     ckpt_every_s: float = 120.0
     eval_every: int = 400
     eval_prompts: int = 24
+    eval_snapshots: bool = False
     log_every: int = 100
     threads: int = 2
 
@@ -141,8 +144,13 @@ class _ThreadGovernor:
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Warm-up, cosine to ``min_lr_ratio * lr`` at ``steps``, then one warm restart: a second
+    cosine from ``restart_lr`` over ``restart_steps`` (SGDR-style)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
+    if step >= cfg.steps:
+        frac = (step - cfg.steps) / max(1, cfg.restart_steps)
+        return cfg.restart_lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
@@ -298,7 +306,8 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
         _atomic_save({"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step, "config": asdict(cfg)}, ckpt_path)
 
     gov = _ThreadGovernor(cfg.threads)
-    bar = tqdm(range(start, cfg.steps), desc="flux", mininterval=30, initial=start, total=cfg.steps)
+    total = cfg.steps + cfg.restart_steps
+    bar = tqdm(range(start, total), desc="flux", mininterval=30, initial=start, total=total)
     for step in bar:
         t_step = time.time()
         g = _step_generator(cfg.seed, step, salt=2)
@@ -329,13 +338,16 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
             logger.info("step %d loss %.4f gnorm %.2f lr %.2e | %.2f s/step (%d threads)", step + 1, run_loss / n_loss, float(gn), _lr_at(cfg, step), el / n_loss, gov.current)
             bar.set_postfix(loss=f"{run_loss / n_loss:.4f}")
             run_loss, n_loss, t0 = 0.0, 0, time.time()
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
             save(step + 1)
             last_save = time.time()
             live = {k: v.clone() for k, v in model.state_dict().items()}
             model.load_state_dict(ema)
             model.eval()
             rep = _evaluate(pipe, eval_ps, eval_seeds)
+            if cfg.eval_snapshots:  # EMA weights at every evaluation, to pick a step afterwards
+                (run_dir / "snapshots").mkdir(exist_ok=True)
+                _atomic_save({"ema": ema, "step": step + 1, "eval": rep}, run_dir / "snapshots" / f"ema_{step + 1:06d}.pt")
             model.load_state_dict(live)
             model.train()
             t0, run_loss, n_loss = time.time(), 0.0, 0
@@ -344,8 +356,8 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
         elif time.time() - last_save > cfg.ckpt_every_s:
             save(step + 1)
             last_save = time.time()
-    if start < cfg.steps:
-        save(cfg.steps)
+    if start < total:
+        save(total)
     model.load_state_dict(ema)
     model.eval().requires_grad_(False)
 
@@ -387,8 +399,11 @@ def train_shapes(run_dir: str | Path, cfg: TrainConfig | None = None) -> FluxPip
     return pipe
 
 
-def export_pipeline(run_dir: str | Path, out_dir: str | Path) -> Path:
+def export_pipeline(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Assemble the trained pipeline from ``run_dir`` (EMA transformer) and ``save_pretrained`` it.
+
+    ``checkpoint`` picks the EMA weights (default ``run_dir/ckpt.pt``; e.g. an evaluation
+    snapshot ``run_dir/snapshots/ema_002400.pt`` written with ``eval_snapshots``).
 
     Returns:
         ``out_dir`` (safetensors, float32).
@@ -398,7 +413,7 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path) -> Path:
     st = torch.load(run / "vae.pt", map_location="cpu", weights_only=True)
     pipe.vae.load_state_dict(st["vae"])
     pipe.vae.register_to_config(scaling_factor=st["scaling_factor"], shift_factor=st["shift_factor"])
-    ck = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
+    ck = torch.load(Path(checkpoint) if checkpoint else run / "ckpt.pt", map_location="cpu", weights_only=True)
     pipe.transformer.load_state_dict(ck["ema"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -158,6 +158,31 @@ def test_metadata_fields_and_image(written):
     assert "positions" not in entry
 
 
+def test_feature_files_hold_this_step_activations(written):
+    """Every feature node gets ``features/{scan}/{feature}.json`` in the frontend's schema, with the
+    graph's own activation of that (layer, feature) at every position and 0 elsewhere."""
+    out, data, graph, meta = written
+    scan = data["metadata"]["scan"]
+    feats = [n for n in data["nodes"] if n["feature_type"] == FEATURE_TYPE]
+    assert feats
+    af, vals = graph.active_features, graph.activation_values
+    for node in feats:
+        layer, feature, pos = (int(v) for v in node["node_id"].split("_"))
+        doc = json.loads((out / "features" / scan / f"{node['feature']}.json").read_text())
+        (example,) = doc["examples_quantiles"][0]["examples"]
+        assert example["tokens"] == [meta.position_label(p) for p in range(meta.n_pos)]
+        expected = [0.0] * meta.n_pos
+        for (l_, p_, f_), v in zip(af.tolist(), vals.tolist(), strict=True):
+            if (l_, f_) == (layer, feature):
+                expected[p_] = v
+        assert example["tokens_acts_list"] == pytest.approx(expected, abs=1e-6)
+        assert example["tokens_acts_list"][pos] == pytest.approx(float(node["activation"]), abs=1e-5)
+        assert doc["act_max"] == pytest.approx(max(expected), abs=1e-6)
+        assert example["train_token_ind"] == int(np.argmax(expected))
+    files = {p.stem for p in (out / "features" / scan).iterdir()}
+    assert files == {str(n["feature"]) for n in feats}  # no files for residue, error or input nodes
+
+
 def test_graph_not_modified_and_bad_input_refused(tmp_path):
     graph, meta = synthetic_graph(seed=1)
     before = graph.adjacency_matrix.clone()
@@ -261,6 +286,10 @@ def test_server_serves_frontend_and_data(server, written):
     assert status == 200 and json.loads(body)["metadata"]["slug"] == SLUG
     status, body = _raw_get(srv.port, f"/graph_data/{SLUG}.png")
     assert status == 200 and body.startswith(b"\x89PNG")
+    node = next(n for n in json.loads(_raw_get(srv.port, f"/graph_data/{SLUG}.json")[1])["nodes"]
+                if n["feature_type"] == FEATURE_TYPE)
+    status, body = _raw_get(srv.port, f"/features/{written[1]['metadata']['scan']}/{node['feature']}.json")
+    assert status == 200 and json.loads(body)["examples_quantiles"]
     assert _raw_get(srv.port, "/data/")[0] == 404  # no listings
     assert _raw_get(srv.port, "/", host="evil.example")[0] == 403
 

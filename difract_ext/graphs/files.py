@@ -300,6 +300,7 @@ def write_graph_files(
     image: Image | np.ndarray | None = None,
     scan: str | None = None,
     image_max_side: int | None = 512,
+    feature_files: bool = True,
 ) -> Path:
     """Prune ``graph`` and write ``{out_dir}/{slug}.json`` (+ ``{slug}.png``) for the frontend.
 
@@ -316,6 +317,9 @@ def write_graph_files(
         image: the generated image (PIL image or ``(H, W, C)`` array), shown by the frontend.
         scan: transcoder-set name used to look up feature files; defaults to the model name.
         image_max_side: downscale the stored PNG to at most this many pixels per side.
+        feature_files: also write ``features/{scan}/{id}.json`` for every feature node, with this
+            step's activations over all positions (what the frontend shows on a click; see
+            :mod:`difract_ext.graphs.features`). A later graph with the same scan replaces them.
 
     Returns:
         The path of the graph JSON.
@@ -331,6 +335,10 @@ def write_graph_files(
     path = out / f"{slug}.json"
     atomic_write_bytes(path, json.dumps(data, separators=(",", ":")).encode())
     upsert_graph_metadata(out, graph_metadata_entry(data["metadata"]))
+    if feature_files:
+        from difract_ext.graphs.features import write_step_feature_files
+
+        write_step_feature_files(graph, meta, data["nodes"], out, data["metadata"]["scan"])
     logger.info("graph files written: %s", path)
     return path
 

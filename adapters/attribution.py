@@ -36,7 +36,7 @@ from circuit_tracer.utils.tl_nnsight_mapping import UnifiedConfig
 from difract_ext.flux.sites import Site
 from difract_ext.graphs.metadata import RESIDUE_FEATURE, GraphMeta
 from difract_ext.replacement.components import StepComponents, step_components
-from difract_ext.replacement.frozen import FrozenFlux
+from difract_ext.replacement.frozen import FrozenFlux, frozen_parameters
 from difract_ext.replacement.inputs import FluxStepInput
 from difract_ext.replacement.targets import TargetSpec
 
@@ -61,10 +61,12 @@ class FluxAttributionContext(AttributionContext):
     feature_totals: torch.Tensor  # [L, P, d]: Σ a W_dec over all active features at (l, p)
 
     def _make_attribution_hooks(self, feature_output_hook: str) -> list[tuple[str, Any]]:
-        """Feature, error and input hooks as circuit-tracer's, plus the residue totals.
+        """Feature, error and input hooks writing the same rows as circuit-tracer's, plus the
+        residue totals.
 
         Feature edges are contracted per position with one batched matmul over zero-padded
-        decoder blocks ``[U, n_max, d]`` instead of gathering ``[B, nnz, d]`` gradients.
+        decoder blocks ``[U, n_max, d]`` instead of gathering ``[B, nnz, d]`` gradients; error
+        edges and residue totals share one batched matmul per layer.
         """
         n_pos = self.activation_matrix.shape[1]
         hooks: list[tuple[str, Any]] = []
@@ -77,37 +79,58 @@ class FluxAttributionContext(AttributionContext):
                                                  torch.nonzero(mask, as_tuple=True)[0])))
         offset = self.activation_matrix._nnz()
         for layer in range(self.n_layers):
-            start = offset + layer * n_pos
-            hooks.append(self._compute_score_hook(f"blocks.{layer}.{feature_output_hook}", self.error_vectors[layer],
-                                                  write_index=slice(start, start + n_pos)))
-        start = offset + self.n_layers * n_pos
-        hooks.append(self._compute_score_hook("hook_embed", self.token_vectors, write_index=slice(start, start + n_pos)))
-        proxy = weakref.proxy(self)
-
-        def totals(grads: torch.Tensor, hook: Any, *, layer: int) -> None:
-            # [B, P, d] x [P, d] -> [B, P]: direct effect of all features at (layer, p)
-            proxy._totals_buffer[:, layer] += (grads.to(self.feature_totals.dtype) * self.feature_totals[layer]).sum(-1)
-
-        for layer in range(self.n_layers):
-            hooks.append((f"blocks.{layer}.{feature_output_hook}", partial(totals, layer=layer)))
+            # error node and residue total of every position in one [P, B, d] x [P, d, 2] product
+            vecs = torch.stack([self.error_vectors[layer], self.feature_totals[layer]], dim=-1)
+            hooks.append((f"blocks.{layer}.{feature_output_hook}",
+                          self._position_hook(vecs, offset + layer * n_pos, layer)))
+        hooks.append(("hook_embed", self._position_hook(self.token_vectors[..., None], offset + self.n_layers * n_pos)))
         return hooks
 
+    def _position_hook(self, vecs: torch.Tensor, start: int, totals_layer: int | None = None) -> Any:
+        """Backward hook contracting ``grad [B, P, d]`` with per-position vectors ``vecs [P, d, k]``:
+        column 0 fills rows ``start .. start + P`` (error or input nodes), column 1 (if any) the
+        residue totals of ``totals_layer``."""
+        n_pos = vecs.shape[0]
+        proxy = weakref.proxy(self)
+
+        def hook(grads: torch.Tensor, hook: Any) -> None:
+            out = torch.bmm(grads.to(vecs.dtype).transpose(0, 1), vecs)  # [P, B, k]
+            proxy._batch_buffer[start : start + n_pos] += out[..., 0]
+            if totals_layer is not None:
+                proxy._totals_buffer[:, totals_layer] += out[..., 1].T
+
+        return hook
+
     def _feature_hook(self, positions: torch.Tensor, vecs: torch.Tensor, rows: torch.Tensor) -> Any:
+        """Backward hook writing ``grad[pos_f] · vecs[f]`` of one layer's features into their rows.
+
+        The layer's features are laid out per position in zero-padded blocks ``[U, n_max, d]``
+        (``U`` distinct positions); one ``bmm`` with the gradients ``[U, d, B]`` gives
+        ``[U, n_max, B]``, from which the real entries are read in row order.
+        """
         uniq, slot_of = torch.unique(positions, return_inverse=True)
         counts = torch.bincount(slot_of, minlength=len(uniq))
         order = torch.argsort(slot_of, stable=True)
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(slot_of)
         rank[order] = torch.arange(len(slot_of)) - starts[slot_of[order]]
-        padded = torch.zeros(len(uniq), int(counts.max()), vecs.shape[1], dtype=vecs.dtype)
+        n_max = int(counts.max())
+        padded = torch.zeros(len(uniq), n_max, vecs.shape[1], dtype=vecs.dtype)
         padded[slot_of, rank] = vecs
-        padded_t = padded.transpose(1, 2).contiguous()  # [U, d, n_max]
+        flat = slot_of * n_max + rank  # [n] entry of each row in the flattened [U * n_max, B] product
+        every_position = bool(torch.equal(uniq, torch.arange(len(uniq))))
+        first, n = int(rows[0]), len(rows)
+        contiguous = bool(torch.equal(rows, torch.arange(first, first + n)))
         proxy = weakref.proxy(self)
 
         def hook(grads: torch.Tensor, hook: Any) -> None:
-            g = grads[:, uniq].to(vecs.dtype).transpose(0, 1)  # [U, B, d]
-            out = torch.bmm(g, padded_t)  # [U, B, n_max]
-            proxy._batch_buffer[rows] += out[slot_of, :, rank]
+            g = grads.to(vecs.dtype)
+            g = (g[:, : len(uniq)] if every_position else g[:, uniq]).permute(1, 2, 0)  # [U, d, B]
+            vals = torch.bmm(padded, g).view(-1, grads.shape[0]).index_select(0, flat)  # [n, B]
+            if contiguous:
+                proxy._batch_buffer[first : first + n] += vals
+            else:
+                proxy._batch_buffer.index_add_(0, rows, vals)
 
         return hook
 
@@ -134,8 +157,8 @@ class FluxAttributionContext(AttributionContext):
         for start in range(0, n, chunk):
             sel = order[start : start + chunk]
             last = start + chunk >= n
-            rows[sel] = self._compute_chunk(layers[sel], positions[sel], inject_values[sel],
-                                            retain_graph if last else True)
+            rows.index_copy_(0, sel, self._compute_chunk(layers[sel], positions[sel], inject_values[sel],
+                                                         retain_graph if last else True))
         return rows
 
     def _compute_chunk(
@@ -155,8 +178,12 @@ class FluxAttributionContext(AttributionContext):
                 injections.setdefault(int(layers[b]), []).append((b, positions[b : b + 1], vecs[b : b + 1]))
         batch_size = self._resid_activations[0].shape[0]
         dtype = self.encoder_vecs.dtype
-        self._batch_buffer = torch.zeros(self._row_size, batch_size, dtype=dtype)
-        self._totals_buffer = torch.zeros(batch_size, self.n_layers, self.feature_totals.shape[1], dtype=dtype)
+        # reused across chunks (a fresh allocation per chunk costs page faults); the rows this
+        # returns are a view, copied out by the caller before the next chunk
+        if getattr(self, "_buffers", None) is None or self._buffers[0].shape[1] != batch_size:
+            self._buffers = (torch.empty(self._row_size, batch_size, dtype=dtype),
+                             torch.empty(batch_size, self.n_layers, self.feature_totals.shape[1], dtype=dtype))
+        self._batch_buffer, self._totals_buffer = self._buffers[0].zero_(), self._buffers[1].zero_()
 
         def inject(grads: torch.Tensor, *, items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
             out = grads.clone()
@@ -176,7 +203,7 @@ class FluxAttributionContext(AttributionContext):
         finally:
             for h in handles:
                 h.remove()
-        rows = self._batch_buffer.T[:n].clone()
+        rows = self._batch_buffer[:, :n].T  # a view of the reused buffer (see above)
         totals = self._totals_buffer[:n].clone()
         self._batch_buffer = None
         store = self.target_totals if is_target else self.feature_row_totals
@@ -329,7 +356,7 @@ def attribute_step(
         CustomTarget(token_str=t.label, prob=float(w), vec=torch.tensor([float(i)]))
         for i, (t, w) in enumerate(zip(specs, weights / weights.sum(), strict=True))
     ]
-    with torch.enable_grad():
+    with torch.enable_grad(), frozen_parameters(transformer):  # activation gradients only
         graph = attribute(
             None, model, attribution_targets=custom, batch_size=batch_size,
             max_feature_nodes=max_feature_nodes, verbose=verbose,

@@ -100,6 +100,8 @@ def run_reference(args: argparse.Namespace, out: Path, batched_file: Path) -> di
     from difract_ext.graphs.metadata import RESIDUE_FEATURE
 
     pipe, step, dics = setup(args.model, args.size, args.d_sae)
+    # gradients with respect to activations only, as DifFRACT's torch.autograd.grad(inputs=...)
+    pipe.transformer.requires_grad_(False)
     ref = torch.load(batched_file, weights_only=True)
     warm = FluxReplacementModel(pipe.transformer, step, dics)  # warm-up as for the batched run, not timed
     with torch.enable_grad():

@@ -262,3 +262,23 @@ def test_target_errors(pipe, step, dics, direction) -> None:
         capture_step_input(pipe, "a cat", step=5, **KW)
     with pytest.raises(ValueError, match="at least one target"):
         attribute_step(pipe.transformer, step, dics, [])
+
+
+def test_attribution_leaves_trainable_weights_untouched(pipe, step, dics, direction) -> None:
+    """On a model with trainable weights, attribution computes activation gradients only: no
+    ``.grad`` is left on the weights and their ``requires_grad`` flags are restored."""
+    tf = pipe.transformer
+    flags = {n: p.requires_grad for n, p in tf.named_parameters()}
+    tf.requires_grad_(True)
+    tf.proj_out.weight.requires_grad_(False)  # a mixed state must come back as it was
+    try:
+        targets = lambda m: [output_target(m.frozen, LEFT, direction, kind="x0", label="t")]  # noqa: E731
+        res = attribute_step(tf, step, dics, targets, batch_size=16, max_feature_nodes=16)
+        assert res.graph.adjacency_matrix.abs().sum() > 0
+        assert all(p.grad is None for p in tf.parameters())
+        assert all(p.requires_grad for n, p in tf.named_parameters() if n != "proj_out.weight")
+        assert not tf.proj_out.weight.requires_grad
+    finally:
+        for n, p in tf.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None

@@ -23,6 +23,8 @@ every frozen quantity is computed exactly as diffusers does and only its gradien
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,6 +35,24 @@ from torch import nn
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from difract_ext.replacement.inputs import FluxStepInput
+
+
+@contextmanager
+def frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every parameter of ``module`` inside the block (restored after).
+
+    Attribution needs gradients with respect to activations only: with trainable weights every
+    backward pass would also compute (and accumulate into ``.grad``) weight gradients, which
+    costs as much again and leaves ``.grad`` tensors on the user's model.
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _straight(exact: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:

@@ -391,10 +391,9 @@ def _add_residue(graph: Graph, model: FluxReplacementModel) -> tuple[Graph, int]
     row_totals = [ctx.feature_row_totals[int(i)] for i in selected] + [ctx.target_totals[i] for i in range(k)]
     row_ids = torch.cat([torch.arange(n_sel), torch.arange(m + n_res - k, m + n_res)])
     sel_cells = feats[selected, 0] * n_pos + feats[selected, 1]
-    for r, totals in zip(row_ids.tolist(), row_totals, strict=True):
-        flat = totals.reshape(-1)
-        explored = torch.zeros_like(flat).index_add_(0, sel_cells, new[r, :n_sel].to(flat.dtype))
-        new[r, n_sel : n_sel + n_res] = (flat - explored)[cells].to(new.dtype)
+    flat = torch.stack(row_totals).flatten(1)  # [R, L * P] direct effect of all features per cell
+    explored = torch.zeros_like(flat).index_add_(1, sel_cells, new[row_ids, :n_sel].to(flat.dtype))
+    new[row_ids[:, None], torch.arange(n_sel, n_sel + n_res)[None, :]] = (flat - explored)[:, cells].to(new.dtype)
     res_feats = torch.stack([cells // n_pos, cells % n_pos, torch.full_like(cells, RESIDUE_FEATURE)], dim=1)
     acts = torch.zeros(n_res, dtype=graph.activation_values.dtype).index_add_(
         0, torch.searchsorted(cells, (feats[unselected, 0] * n_pos + feats[unselected, 1])),

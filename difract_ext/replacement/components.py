@@ -85,7 +85,8 @@ def step_components(
     recon = torch.zeros_like(mlp_out)
     bias = torch.zeros_like(mlp_out)
     idx, vals, pres, enc_rows, dec_rows = [], [], [], [], []
-    for site in sorted(dictionaries):
+    # text sites before image sites of a layer: rows then come out in (layer, position, id) order
+    for site in sorted(dictionaries, key=lambda s: (s.layer, s.stream != "txt")):
         dic = dictionaries[site]
         pos = stream_positions(site, n_txt, n_pos)
         x = mlp_in[site.layer, pos].to(dic.W_dec.dtype)
@@ -100,16 +101,17 @@ def step_components(
         a = acts[p_local, f_local]
         vals.append(a)
         pres.append(pre[p_local, f_local])
-        enc_rows.append(folded.W_enc[:, f_local].T)
-        dec_rows.append(a[:, None] * dic.W_dec[f_local])
+        enc_rows.append(folded.W_enc.T.contiguous().index_select(0, f_local))
+        dec_rows.append(a[:, None] * dic.W_dec.index_select(0, f_local))
     if idx:
         indices = torch.cat(idx, dim=1)
         values = torch.cat(vals)
-        order = torch.argsort(indices[0] * (n_pos * d_tc) + indices[1] * d_tc + indices[2])
-        indices, values = indices[:, order], values[order]
-        enc = torch.cat(enc_rows)[order].to(mlp_in.dtype)
-        dec = torch.cat(dec_rows)[order].to(mlp_in.dtype)
-        pre_all = torch.cat(pres)[order]
+        enc, dec, pre_all = torch.cat(enc_rows), torch.cat(dec_rows), torch.cat(pres)
+        key = indices[0] * (n_pos * d_tc) + indices[1] * d_tc + indices[2]
+        if not bool((key[1:] > key[:-1]).all()):  # sparse COO order (already so for text-first sites)
+            order = torch.argsort(key)
+            indices, values, enc, dec, pre_all = indices[:, order], values[order], enc[order], dec[order], pre_all[order]
+        enc, dec = enc.to(mlp_in.dtype), dec.to(mlp_in.dtype)
     else:
         indices = torch.zeros(3, 0, dtype=torch.long)
         values = torch.zeros(0, dtype=mlp_in.dtype)

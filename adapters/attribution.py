@@ -186,10 +186,11 @@ class FluxAttributionContext(AttributionContext):
         self._batch_buffer, self._totals_buffer = self._buffers[0].zero_(), self._buffers[1].zero_()
 
         def inject(grads: torch.Tensor, *, items: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-            out = grads.clone()
-            for b, pos, vecs in items:
-                out[b, pos] += vecs.to(out.dtype)
-            return out
+            # every (row, position, vector) of this layer in one accumulating index_put
+            rows_b = torch.cat([torch.full((len(pos),), b, dtype=torch.long) for b, pos, _ in items])
+            pos_b = torch.cat([pos.reshape(-1).long() for _, pos, _ in items])
+            vals = torch.cat([v.reshape(-1, grads.shape[-1]) for _, _, v in items]).to(grads.dtype)
+            return grads.index_put((rows_b, pos_b), vals, accumulate=True)
 
         handles = [
             self._resid_activations[layer].register_hook(partial(inject, items=items))  # type: ignore[union-attr]

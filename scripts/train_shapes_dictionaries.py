@@ -69,6 +69,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--d-t-embed", type=int, default=64, help="timestep embedding width (small files)")
     p.add_argument("--l1-img", type=float, default=1e-3, help="shipping L1 (image stream)")
     p.add_argument("--l1-txt", type=float, default=1.2e-3, help="shipping L1 (text stream)")
+    p.add_argument("--l1-sae", type=float, default=1e-2,
+                   help="shipping L1 of the SAE baselines (an SAE reconstructs its own input, so the same "
+                        "sparsity needs a stronger penalty than a transcoder's)")
     p.add_argument("--l1-site", nargs="*", default=["img_0=3e-3"], metavar="SITE=L1",
                    help="shipping L1 overrides per site (img_0's MLP is the most linear: at the stream's L1 "
                         "its transcoder is dense)")
@@ -148,14 +151,14 @@ def ship_specs(args: argparse.Namespace, sites: list[Site]) -> tuple[list[Dictio
     if unknown:
         raise SystemExit(f"--l1-site names sites that were not harvested: {unknown}")
     ship = [DictionarySpec(s, "transcoder", "relu", l1_coefficient=ship_l1(s), **common(s)) for s in sites]
-    ship += [DictionarySpec(s, "sae", "relu", l1_coefficient=ship_l1(s), **common(s))
+    ship += [DictionarySpec(s, "sae", "relu", l1_coefficient=args.l1_sae, **common(s))
              for s in sites if s.layer in args.sae_layers]
     names = {s.resolved_name for s in ship}
     sweep = []
     for key in args.sweep_sites:
         site = next(s for s in sites if site_key(s) == key)
         for role in ("transcoder", "sae"):
-            for level in sorted(set(args.sweep_l1) | {ship_l1(site)}):
+            for level in sorted(set(args.sweep_l1) | {ship_l1(site) if role == "transcoder" else args.l1_sae}):
                 sweep.append(DictionarySpec(site, role, "relu", l1_coefficient=level, **common(site)))
             for k in args.sweep_k:
                 sweep.append(DictionarySpec(site, role, "topk", k=k, **common(site)))

@@ -66,23 +66,31 @@ def test_every_vocabulary_word_is_one_token(pipe):
 
 
 def test_single_object_adherence_on_held_out_prompts(pipe):
-    """Held-out prompts, fresh seeds: nearly every image must be exactly right."""
+    """Held-out prompts, fresh seeds: nearly every image must be exactly right (the benchmark
+    measures 99 % over 220 images; its few misses share one prompt, so allow two here)."""
     _, held = split_prompts(1)
     prompts = held[:8]
     seeds = [11, 12]
     ps = [p for p in prompts for _ in seeds]
     images = generate_images(pipe, ps, [s for _ in prompts for s in seeds])
     ok = [score(img, p).fully_correct for img, p in zip(images, ps)]
-    assert sum(ok) >= len(ok) - 1, [p for p, good in zip(ps, ok) if not good]
+    assert sum(ok) >= len(ok) - 2, [p for p, good in zip(ps, ok) if not good]
 
 
-def test_two_object_adherence_on_held_out_prompts(pipe):
-    """Held-out two-object prompts: most images right (the benchmark measures ~99%)."""
+def test_two_object_prompts_bind_most_of_the_time_but_not_always(pipe):
+    """Held-out two-object prompts: the shipped model is meant to make binding errors (a weak
+    word-order signal in its T5); the benchmark measures ~61 % fully correct, ~6 % binding errors.
+    Here 48 fixed (prompt, seed) pairs: the rate must lie in a wide band around that, and at
+    least one image must show a binding error."""
+    from difract_ext.toy.analyzer import accuracy_report
+
     _, held = split_prompts(2)
-    prompts = held[::23][:8]
-    images = generate_images(pipe, prompts, [21] * len(prompts))
-    ok = [score(img, p).fully_correct for img, p in zip(images, prompts)]
-    assert sum(ok) >= 6, [p for p, good in zip(prompts, ok) if not good]
+    prompts = held[::4][:48]
+    images = generate_images(pipe, prompts, [21 + i for i in range(len(prompts))])
+    rep = accuracy_report(list(images), prompts)
+    assert 0.35 <= rep["double/fully_correct"] <= 0.9, rep
+    assert rep["double/binding_error"] > 0, rep
+    assert rep["double/color"] >= 0.9 and rep["double/position"] >= 0.9, rep
 
 
 def test_prompt_controls_the_image(pipe):

@@ -11,7 +11,9 @@ Stages (each resumable; files under ``run_dir``):
    posterior means, so the transformer sees ~unit-variance latents.
 4. ``data.pt`` — packed latents ``[N, 64, 16]`` of every render, T5 states ``[P, 16, 64]`` and
    pooled CLIP ``[P, 64]`` of every prompt (computed with ``FluxPipeline.encode_prompt``).
-5. ``ckpt.pt`` — transformer + EMA + optimiser at ``step``. Flow matching exactly as the
+5. ``ckpt.pt`` — transformer + EMA + optimiser at ``step`` (``init_from``: the transformer
+   starts from a trained pipeline's, whose VAE replaces stage 3 — a fine-tune onto new text
+   encoders). Flow matching exactly as the
    pipeline samples: ``x_t = (1 - t) x0 + t ε``, target ``ε - x0``, the transformer called
    with ``timestep = t`` in [0, 1]; t is one of the 4 schnell values {1, .75, .5, .25} with
    probability ``t_discrete_fraction``, else uniform. Batch contents, t and ε at step k come
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from tqdm.auto import tqdm
 
-from difract_ext.toy.pipeline import SHAPES_CALL_DEFAULTS, SHAPES_T5_LOCAL_STRENGTH, build_shapes_pipeline
+from difract_ext.toy.pipeline import SHAPES_BASE_T5_LOCAL_STRENGTH, SHAPES_CALL_DEFAULTS, build_shapes_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class TrainConfig:
     """Hyper-parameters of :func:`train_shapes` (defaults: the shipped run)."""
 
     seed: int = 0
-    t5_local_strength: float = SHAPES_T5_LOCAL_STRENGTH
+    t5_local_strength: float = SHAPES_BASE_T5_LOCAL_STRENGTH
     n_images: int = 40_000
     single_fraction: float = 0.4
     held_out_fraction: float = 0.15
@@ -81,6 +83,11 @@ class TrainConfig:
     eval_snapshots: bool = False
     log_every: int = 100
     threads: int = 2
+    # fine-tuning: start from a trained pipeline folder (its VAE and transformer) instead of
+    # training the VAE and a random transformer; the text encoders are still built from
+    # ``seed`` and ``t5_local_strength``, so a new text-encoder bias can be fine-tuned onto it
+    init_from: str = ""
+    stop_at: int = 0  # stop after this step (0: run the whole schedule); the schedule is unchanged
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -292,6 +299,11 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
         opt.load_state_dict(state["opt"])
         start = state["step"]
         logger.info("transformer: resumed at step %d", start)
+    elif cfg.init_from:
+        init = FluxTransformer2DModel.from_pretrained(str(Path(cfg.init_from) / "transformer"), local_files_only=True)
+        model.load_state_dict(init.state_dict())
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        logger.info("transformer: initialised from %s", cfg.init_from)
     latents, embeds, pooled = data["latents"], data["prompt_embeds"], data["pooled"]
     pidx = torch.from_numpy(prompt_idx)
     n, seq, ch = latents.shape
@@ -307,6 +319,8 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
 
     gov = _ThreadGovernor(cfg.threads)
     total = cfg.steps + cfg.restart_steps
+    if cfg.stop_at:
+        total = min(total, cfg.stop_at)
     bar = tqdm(range(start, total), desc="flux", mininterval=30, initial=start, total=total)
     for step in bar:
         t_step = time.time()
@@ -347,7 +361,7 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
             rep = _evaluate(pipe, eval_ps, eval_seeds)
             if cfg.eval_snapshots:  # EMA weights at every evaluation, to pick a step afterwards
                 (run_dir / "snapshots").mkdir(exist_ok=True)
-                _atomic_save({"ema": ema, "step": step + 1, "eval": rep}, run_dir / "snapshots" / f"ema_{step + 1:06d}.pt")
+                _atomic_save({"ema": ema, "step": step + 1, "eval": rep, "config": asdict(cfg)}, run_dir / "snapshots" / f"ema_{step + 1:06d}.pt")
             model.load_state_dict(live)
             model.train()
             t0, run_loss, n_loss = time.time(), 0.0, 0
@@ -390,6 +404,13 @@ def train_shapes(run_dir: str | Path, cfg: TrainConfig | None = None) -> FluxPip
         st = torch.load(run / "vae.pt", map_location="cpu", weights_only=True)
         pipe.vae.load_state_dict(st["vae"])
         pipe.vae.register_to_config(scaling_factor=st["scaling_factor"], shift_factor=st["shift_factor"])
+    elif cfg.init_from:
+        vae = AutoencoderKL.from_pretrained(str(Path(cfg.init_from) / "vae"), local_files_only=True)
+        pipe.vae.load_state_dict(vae.state_dict())
+        sf, sh = vae.config.scaling_factor, vae.config.shift_factor
+        pipe.vae.register_to_config(scaling_factor=sf, shift_factor=sh)
+        _atomic_save({"vae": vae.state_dict(), "scaling_factor": sf, "shift_factor": sh, "mse": float("nan")}, run / "vae.pt")
+        logger.info("VAE: taken from %s", cfg.init_from)
     else:
         _train_vae(cfg, pipe.vae, images, [prompts[k] for k in prompt_idx], run)
     if not (run / "data.pt").exists():
@@ -418,6 +439,10 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path, checkpoint: str | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    (out / "training.json").write_text(json.dumps({"step": ck["step"], "config": ck.get("config")}, indent=1))
+    config = ck.get("config")
+    if config is None and (run / "train_config.json").is_file():
+        config = json.loads((run / "train_config.json").read_text())
+    record = {"step": ck["step"], "checkpoint": str(checkpoint or "ckpt.pt"), "config": config}
+    (out / "training.json").write_text(json.dumps(record, indent=1))
     logger.info("exported step %d pipeline -> %s", ck["step"], out)
     return out

@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-ship", action="store_true", help="stop after the evaluation")
     p.add_argument("--no-splice", action="store_true", help="skip spliced generation")
     p.add_argument("--fresh", action="store_true", help="delete the working folder first")
+    p.add_argument("--retrain", action="store_true",
+                   help="keep the harvests but train and evaluate again (after changing a recipe option)")
     p.add_argument("--quick", action="store_true", help="tiny run to check the script")
     p.add_argument("--seeds", type=int, default=6, help="train seeds per prompt (0..N-1)")
     p.add_argument("--held-seeds", type=int, default=2, help="held-out seeds per prompt (1000..)")
@@ -66,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--expansion-img", type=float, default=2.0, help="d_sae / d_model, image stream")
     p.add_argument("--expansion-txt", type=float, default=0.75,
                    help="d_sae / d_model, text stream (few distinct token contexts: wider dies)")
+    p.add_argument("--expansion-site", nargs="*", default=[], metavar="SITE=X",
+                   help="shipping width overrides per site (d_sae / d_model)")
     p.add_argument("--d-t-embed", type=int, default=64, help="timestep embedding width (small files)")
     p.add_argument("--l1-img", type=float, default=1e-3, help="shipping L1 (image stream)")
     p.add_argument("--l1-txt", type=float, default=1.2e-3, help="shipping L1 (text stream)")
@@ -92,11 +96,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--splice-prompts", type=int, default=64, help="held-out prompts for spliced generation")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
-    args.l1_site = parse_site_levels(args.l1_site, p)
+    args.l1_site = parse_site_levels(args.l1_site, p, "--l1-site")
+    args.expansion_site = parse_site_levels(args.expansion_site, p, "--expansion-site")
     return args
 
 
-def parse_site_levels(items: list[str], parser: argparse.ArgumentParser) -> dict[str, float]:
+def parse_site_levels(items: list[str], parser: argparse.ArgumentParser, option: str) -> dict[str, float]:
     """``["img_0=3e-3", ...]`` -> ``{"img_0": 0.003, ...}`` (errors through ``parser``)."""
     out = {}
     for item in items:
@@ -109,7 +114,7 @@ def parse_site_levels(items: list[str], parser: argparse.ArgumentParser) -> dict
                 raise ValueError(item)
             out[key] = float(value)
         except ValueError:
-            parser.error(f"--l1-site expects SITE=L1 with SITE like img_0 or txt_3, got {item!r}")
+            parser.error(f"{option} expects SITE=VALUE with SITE like img_0 or txt_3, got {item!r}")
     return out
 
 
@@ -142,14 +147,15 @@ def ship_specs(args: argparse.Namespace, sites: list[Site]) -> tuple[list[Dictio
     width = {"img": args.expansion_img, "txt": args.expansion_txt}
 
     def common(site: Site) -> dict:
-        return dict(expansion_factor=width[site.stream], d_t_embed=args.d_t_embed, lr=args.lr)
+        factor = args.expansion_site.get(site_key(site), width[site.stream])
+        return dict(expansion_factor=factor, d_t_embed=args.d_t_embed, lr=args.lr)
 
     def ship_l1(site: Site) -> float:
         return args.l1_site.get(site_key(site), lam[site.stream])
 
-    unknown = sorted(set(args.l1_site) - {site_key(s) for s in sites})
+    unknown = sorted((set(args.l1_site) | set(args.expansion_site)) - {site_key(s) for s in sites})
     if unknown:
-        raise SystemExit(f"--l1-site names sites that were not harvested: {unknown}")
+        raise SystemExit(f"--l1-site / --expansion-site name sites that were not harvested: {unknown}")
     ship = [DictionarySpec(s, "transcoder", "relu", l1_coefficient=ship_l1(s), **common(s)) for s in sites]
     ship += [DictionarySpec(s, "sae", "relu", l1_coefficient=args.l1_sae, **common(s))
              for s in sites if s.layer in args.sae_layers]
@@ -205,6 +211,9 @@ def main() -> None:
     work = Path(args.work)
     if args.fresh and work.exists():
         shutil.rmtree(work)
+    if args.retrain:
+        for sub in ("dicts", "eval"):
+            shutil.rmtree(work / sub, ignore_errors=True)
     if args.quick:
         args.epochs, args.splice_prompts, args.sweep_l1, args.sweep_k = 1, 4, [1e-2], [8]
         args.sweep_sites = args.sweep_sites[:1]

@@ -242,3 +242,18 @@ def test_rejects_duplicate_names_and_missing_sites(data: dict[str, Path], tmp_pa
 def test_l1_levels_that_round_alike_get_distinct_names() -> None:
     names = {DictionarySpec(IMG0, l1_coefficient=lam).variant for lam in (1e-3, 1.2e-3, 1.5e-3)}
     assert names == {"relu_l1-1e-03_x8", "relu_l1-1.2e-03_x8", "relu_l1-1.5e-03_x8"}
+
+
+def test_a_dictionary_trains_the_same_alone_or_with_others(data: dict[str, Path], tmp_path: Path) -> None:
+    """Seeds come from each dictionary's name: training it next to others (with resampling on)
+    gives bit-identical weights to training it alone."""
+    mine = DictionarySpec(IMG0, "transcoder", "relu", l1_coefficient=3e-2, d_sae=64, **SMALL)
+    others = [DictionarySpec(IMG0, "sae", "relu", l1_coefficient=1e-3, d_sae=32, **SMALL),
+              DictionarySpec(Site(1, "txt"), "transcoder", "topk", k=4, d_sae=32, **SMALL)]
+    cfg = TrainConfig(batch_size=256, epochs=2, log_every=0, dead_window=4, resample_every=6, resample_until=1.0)
+    alone = train_dictionaries(data["train"], [mine], tmp_path / "alone", cfg, progress=False)
+    mixed = train_dictionaries(data["train"], [others[0], mine, others[1]], tmp_path / "mixed", cfg, progress=False)
+    a, b = alone.modules[mine.resolved_name], mixed.modules[mine.resolved_name]
+    assert alone.metrics[mine.resolved_name]["resampled"] > 0  # the resampling generator was used
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k

@@ -12,7 +12,10 @@ result is still a SAELens object (``SAE.load_from_disk`` works).
 One *global step* gives every dictionary whose stream still has rows in the current group one
 optimizer step on ``batch_size`` rows. Checkpoints (``<out>/checkpoint/trainer_state.pt``, written
 atomically by the main process) hold weights, AdamW and schedule states, dead-feature counters,
-the resampling generator and the data position, so a resumed run takes exactly the same steps.
+the resampling generators and the data position, so a resumed run takes exactly the same steps.
+Each dictionary's initialisation and resampling are seeded from its name, and the data order
+from the config's seed alone, so a dictionary trained alongside others is bit-identical to the
+same spec trained alone (adding a sweep never changes a shipped dictionary).
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ from difract_ext.training.specs import DictionarySpec, TrainConfig, build_dictio
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint/trainer_state.pt"
+CHECKPOINT_VERSION = 2
+
+
+def _spec_seed(spec: DictionarySpec) -> int:
+    """A stable integer from the dictionary's name: its initialisation and resampling seeds."""
+    return int.from_bytes(hashlib.sha256(spec.resolved_name.encode()).digest()[:7], "little")
 INDEX_FILE = "index.json"
 _NON_IDENTITY = ("checkpoint_every_steps", "checkpoint_every_seconds", "stop_after_steps", "log_every")
 
@@ -80,6 +89,8 @@ class _State:
 
     def __init__(self, spec: DictionarySpec, module: Any, cfg: TrainConfig, total: int, acc: Accelerator):
         self.spec, self.module, self.total = spec, module, total
+        # its own resampling generator: a dictionary trains the same whatever else is trained with it
+        self.gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _spec_seed(spec), 7919))
         auxk = cfg.auxk_coefficient if spec.remedy == "auxk" else 0.0
         self.objective = acc.prepare(Objective(module, spec.role, cfg.auxk_k, auxk))
         self.optimizer = torch.optim.AdamW(
@@ -108,6 +119,7 @@ class _State:
             "resampled": self.resampled,
             "history": list(self.history),
             "window": dict(self.window),
+            "generator": self.gen.get_state(),
         }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -119,6 +131,7 @@ class _State:
         self.rows_counted = int(d.get("rows_counted", 0))
         self.steps, self.resampled = int(d["steps"]), int(d["resampled"])
         self.history, self.window = list(d["history"]), dict(d["window"])
+        self.gen.set_state(d["generator"])
 
     def dead_fraction(self, window: int) -> float:
         return float((self.since_fired >= window).float().mean())
@@ -204,13 +217,12 @@ def train_dictionaries(
     n_global = sum(max(group_rows(reader, g, s) // cfg.batch_size for s in streams) for g in groups)
     trained_t = reader.timesteps
     states = []
-    for i, spec in enumerate(specs):
+    for spec in specs:
         module = build_dictionary(
             spec, reader.d_model, trained_timesteps=trained_t, model_name=reader.model_name,
-            seed=derive_seed(cfg.seed, i), device=acc.device,
+            seed=derive_seed(cfg.seed, _spec_seed(spec)), device=acc.device,
         )
         states.append(_State(spec, module, cfg, totals[spec.site.stream], acc))
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 7919))
     fingerprint = _fingerprint(reader, specs, cfg)
     ckpt_path = out / CHECKPOINT
     position, global_step = (0, 0), 0
@@ -218,11 +230,13 @@ def train_dictionaries(
         if not resume:
             raise ValueError(f"{out} holds a training checkpoint; pass resume=True (--resume) or use another folder")
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{ckpt_path} is a version-{ck.get('version')} checkpoint (this trainer writes "
+                             f"version {CHECKPOINT_VERSION}, seeded per dictionary); train again in a new folder")
         if ck["fingerprint"] != fingerprint:
             raise ValueError(f"{ckpt_path} was written for different specs, config or data; cannot resume")
         for st in states:
             st.load_state_dict(ck["dictionaries"][st.spec.resolved_name])
-        gen.set_state(ck["generator"])
         position, global_step = (int(ck["group"]), int(ck["batch"])), int(ck["global_step"])
         logger.info("resumed %s at global step %d", out, global_step)
     elif resume:
@@ -233,8 +247,8 @@ def train_dictionaries(
             return
         buf = io.BytesIO()
         torch.save({
-            "version": 1, "fingerprint": fingerprint, "group": gi, "batch": b,
-            "global_step": global_step, "generator": gen.get_state(),
+            "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "group": gi, "batch": b,
+            "global_step": global_step,
             "dictionaries": {st.spec.resolved_name: st.state_dict() for st in states},
         }, buf)
         atomic_write_bytes(ckpt_path, buf.getvalue())
@@ -254,7 +268,7 @@ def train_dictionaries(
                 for st in states:
                     if b < gd.n_batches.get(st.spec.site.stream, 0):
                         x, y, t = gd.batch(st.spec.site, b, rank, world, acc.device)
-                        _step(st, x, y, t, cfg, acc, gen)
+                        _step(st, x, y, t, cfg, acc)
                 global_step += 1
                 bar.update(1)
                 if cfg.log_every and global_step % cfg.log_every == 0:
@@ -293,8 +307,7 @@ def train_dictionaries(
     return result
 
 
-def _step(st: _State, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, cfg: TrainConfig,
-          acc: Accelerator, gen: torch.Generator) -> None:
+def _step(st: _State, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, cfg: TrainConfig, acc: Accelerator) -> None:
     spec = st.spec
     l1 = 0.0
     if spec.activation == "relu" and spec.l1_coefficient:
@@ -333,7 +346,7 @@ def _step(st: _State, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, cfg: Tr
         if len(dead_idx):
             if acc.num_processes > 1:
                 x, y, t = acc.gather(x), acc.gather(y), acc.gather(t)
-            n = resample_dead(st.module, st.optimizer, spec.role, x, y, t, dead_idx.to(x.device), gen)
+            n = resample_dead(st.module, st.optimizer, spec.role, x, y, t, dead_idx.to(x.device), st.gen)
             st.since_fired[dead_idx] = 0
             st.resampled += n
             if acc.is_main_process:

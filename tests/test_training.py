@@ -246,7 +246,7 @@ def test_l1_levels_that_round_alike_get_distinct_names() -> None:
 
 def test_a_dictionary_trains_the_same_alone_or_with_others(data: dict[str, Path], tmp_path: Path) -> None:
     """Seeds come from each dictionary's name: training it next to others (with resampling on)
-    gives bit-identical weights to training it alone."""
+    gives bit-identical weights to training it alone (one thread; see the trainer's docstring)."""
     mine = DictionarySpec(IMG0, "transcoder", "relu", l1_coefficient=3e-2, d_sae=64, **SMALL)
     others = [DictionarySpec(IMG0, "sae", "relu", l1_coefficient=1e-3, d_sae=32, **SMALL),
               DictionarySpec(Site(1, "txt"), "transcoder", "topk", k=4, d_sae=32, **SMALL)]

@@ -14,8 +14,10 @@ optimizer step on ``batch_size`` rows. Checkpoints (``<out>/checkpoint/trainer_s
 atomically by the main process) hold weights, AdamW and schedule states, dead-feature counters,
 the resampling generators and the data position, so a resumed run takes exactly the same steps.
 Each dictionary's initialisation and resampling are seeded from its name, and the data order
-from the config's seed alone, so a dictionary trained alongside others is bit-identical to the
-same spec trained alone (adding a sweep never changes a shipped dictionary).
+from the config's seed alone, so a dictionary trained alongside others takes the same steps as
+the same spec trained alone: bit-identical where the float kernels are (one thread in the
+tests); with several MKL threads, kernel choices that depend on memory alignment can differ in
+the last bits, and a long run can drift from there.
 """
 
 from __future__ import annotations

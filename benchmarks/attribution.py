@@ -213,17 +213,27 @@ def main() -> None:
 
 
 def flux_estimate() -> str:
-    """Back-of-envelope FLUX.1 graph at 512 px: rows x (forward+backward) FLOPs, per method."""
-    params, tokens = 12e9, 1024 + 256  # 12B parameters; 512px -> 1024 patches, 256 T5 tokens
-    fwd = 2 * params * tokens  # FLOPs of one forward
-    rows = 7500 + 10
-    per_node = rows * 3 * fwd  # reference: one forward + backward (2x) per node
-    batched = fwd * 128 / 128 + rows * 2 * fwd  # one forward at batch B, then one backward row per node
+    """Back-of-envelope FLUX.1 graph at 512 px, FLOPs per method (both on the frozen model).
+
+    Per-node (the DifFRACT way): every row runs the full forward (12 B parameters over all
+    tokens) and a backward from its layer down. Batched: one forward, then per row only the
+    backward of the affine path (value and output projections and the frozen pattern of each
+    block; no MLP, q/k or RoPE work) from the row's layer down, i.e. over ~half the 19 double
+    blocks for a feature spread evenly over them.
+    """
+    d, img, txt, n_double, n_single = 3072, 1024, 256, 19, 38
+    tokens = img + txt
+    fwd = 2 * 12e9 * tokens + 4 * tokens**2 * d * (n_double + n_single)  # weights + attention
+    block_bwd = 2 * (2 * d * d * tokens) + 2 * tokens**2 * d  # to_v + to_out, pattern @ V
+    rows, targets = 7500, 10
+    row_bwd = block_bwd * (n_double / 2 + 1)
+    per_node = rows * (fwd + row_bwd) + targets * (fwd + block_bwd * (n_double + n_single))
+    batched = fwd + rows * row_bwd + targets * block_bwd * (n_double + n_single)
     rate = 400e12  # sustained bf16 FLOP/s on one H100-class GPU (assumption)
-    return (f"FLUX.1 estimate (512 px, {rows} rows, {rate / 1e12:.0f} TFLOP/s sustained): per-node "
-            f"{per_node / rate / 60:.0f} min, batched {batched / rate / 60:.0f} min of backward FLOPs "
-            f"(batching saves the per-node forwards; on GPU it also fills the device); dense adjacency "
-            f"~{(rows + 58 * (tokens)) ** 2 * 4 / 1e9:.0f} GB fp32 if all 57 blocks are layers.")
+    return (f"FLUX.1 estimate (512 px, {rows} feature rows + {targets} targets, {rate / 1e12:.0f} TFLOP/s "
+            f"sustained): per-node {per_node / rate / 60:.1f} min, batched {batched / rate:.0f} s of FLOPs "
+            f"({per_node / batched:.0f}x); the dense adjacency (every block a layer, as FrozenFlux lays it out) "
+            f"would be ~{(rows + (n_double + n_single + 1) * tokens) ** 2 * 4 / 1e9:.0f} GB fp32.")
 
 
 if __name__ == "__main__":

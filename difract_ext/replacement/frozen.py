@@ -250,7 +250,7 @@ class FrozenFlux(HookedRootModule):
         m_txt = self._ln(block.norm2_context, txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
         hooks = self.blocks[layer].mlp
         x = hooks.hook_in(torch.cat([m_txt, m_img], dim=1))
-        m_txt, m_img = x[:, : self.n_txt], x[:, self.n_txt :]
+        m_txt, m_img = x.split_with_sizes([self.n_txt, self.n_img], dim=1)  # backward: one cat, no zero-fill
         y = None if self._mode == "replay" else torch.cat([block.ff_context(m_txt), block.ff(m_img)], dim=1)
         y = hooks.hook_out(self._mlp_out(layer, y, x))
         y_txt, y_img = y.split_with_sizes([self.n_txt, self.n_img], dim=1)  # split: one cat in backward

@@ -3,8 +3,9 @@
 #
 # Stage 1 (~52 min on 2 CPU cores): VAE + transformer from scratch with a strong T5 word-order
 #   bias (8.0): a model that binds colours and shapes to positions almost perfectly.
-# Stage 2 (~17 min on 1 core, 2,400-step schedule stopped at step 1000): fine-tune that transformer onto a T5 whose word-order bias is
-#   weak (1.0, SHAPES_T5_LOCAL_STRENGTH), with an EMA snapshot every 200 steps; the shipped
+# Stage 2 (~17 min on 1 core; a 2,400-step schedule stopped at step 1000): fine-tune that
+#   transformer onto a T5 whose word-order bias is weak (1.0, SHAPES_T5_LOCAL_STRENGTH), with
+#   an EMA snapshot every 200 steps; the shipped
 #   model is the step-1000 snapshot, which binds most of the time but not always
 #   (benchmarks/shapes_quality.py: single-object 99 % fully correct, two-object 61 %,
 #   shape-binding errors 6 %).

@@ -50,13 +50,13 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint/trainer_state.pt"
 CHECKPOINT_VERSION = 2
+INDEX_FILE = "index.json"
+_NON_IDENTITY = ("checkpoint_every_steps", "checkpoint_every_seconds", "stop_after_steps", "log_every")
 
 
 def _spec_seed(spec: DictionarySpec) -> int:
     """A stable integer from the dictionary's name: its initialisation and resampling seeds."""
     return int.from_bytes(hashlib.sha256(spec.resolved_name.encode()).digest()[:7], "little")
-INDEX_FILE = "index.json"
-_NON_IDENTITY = ("checkpoint_every_steps", "checkpoint_every_seconds", "stop_after_steps", "log_every")
 
 
 @dataclass

@@ -98,7 +98,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr_end_fraction=args.lr_end_fraction, l1_warmup_steps=args.l1_warmup_steps,
         weight_decay=args.weight_decay, mix_shards=args.mix_shards, seed=args.seed,
         dead_window=args.dead_window, resample_every=args.resample_every,
-        resample_until=args.resample_until, auxk_coefficient=args.auxk_coefficient,
+        resample_until=args.resample_until, resample_min_rate=args.resample_min_rate,
+        auxk_coefficient=args.auxk_coefficient,
         auxk_k=args.auxk_k, checkpoint_every_steps=args.checkpoint_every_steps,
         checkpoint_every_seconds=args.checkpoint_every_seconds,
         stop_after_steps=args.stop_after_steps, log_every=args.log_every,
@@ -285,6 +286,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dead-window", type=int, default=1000, help="steps without firing after which a feature is dead")
     p.add_argument("--resample-every", type=int, default=2000, help="steps between resamplings (0: never)")
     p.add_argument("--resample-until", type=float, default=0.75, help="no resampling after this fraction of training")
+    p.add_argument("--resample-min-rate", type=float, default=0.0,
+                   help="also resample features active on fewer than this fraction of the rows seen since the "
+                        "previous resampling (rare training features are often never active on held-out data; "
+                        "the shapes dictionaries use 2e-4); 0: only features silent for --dead-window steps")
     p.add_argument("--auxk-coefficient", type=float, default=1 / 32, help="weight of the auxiliary dead-latent loss")
     p.add_argument("--auxk-k", type=int, default=None, help="dead latents used by that loss (default d_model/2)")
     p.add_argument("--checkpoint-every-steps", type=int, default=0, help="checkpoint period in steps (0: time only)")

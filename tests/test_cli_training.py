@@ -54,9 +54,11 @@ def test_harvest_train_eval_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["train", "--data", str(tmp_path / "h"), "--out", str(tmp_path / "d"), "--sites", "0:img", "1:txt",
                  "--roles", "transcoder", "sae", "--l1-img", "1e-4", "1e-3", "--l1-txt", "1e-4",
                  "--expansion", "2", "--d-t-embed", "16", "--lr", "3e-3", "--batch-size", "256",
-                 "--epochs", "2", "--no-progress"]) == 0
+                 "--epochs", "2", "--resample-every", "20", "--resample-min-rate", "1e-3", "--no-progress"]) == 0
     index = json.loads((tmp_path / "d" / "index.json").read_text())
     assert len(index["dictionaries"]) == 2 * 2 + 2 * 1
+    training = json.loads((tmp_path / "d" / index["dictionaries"][0]["name"] / "training.json").read_text())
+    assert training["config"]["resample_min_rate"] == 1e-3 and training["config"]["resample_every"] == 20
     assert main(["eval", "--dictionaries", str(tmp_path / "d"), "--data", str(tmp_path / "ho"),
                  "--out", str(tmp_path / "e"), "--model", "tiny", "--no-progress"]) == 0
     out = capsys.readouterr().out

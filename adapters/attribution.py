@@ -34,7 +34,7 @@ from circuit_tracer.graph import Graph
 from circuit_tracer.utils.tl_nnsight_mapping import UnifiedConfig
 
 from difract_ext.flux.sites import Site
-from difract_ext.graphs.metadata import RESIDUE_FEATURE, GraphMeta
+from difract_ext.attribution.graph_meta import RESIDUE_FEATURE, GraphMeta
 from difract_ext.replacement.components import StepComponents, step_components
 from difract_ext.replacement.frozen import FrozenFlux, frozen_parameters
 from difract_ext.replacement.inputs import FluxStepInput

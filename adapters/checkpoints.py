@@ -3,7 +3,7 @@
 ::
 
     tc = load_difract_checkpoint("temporal-aware-transcoders/transcoder_img_3.pt")
-    tcs = load_difract_dir("temporal-aware-transcoders", layers=range(16))   # {(stream, layer): tc}
+    tcs = load_difract_dir("temporal-aware-transcoders", layers=range(16))   # {Site: tc}
     convert_difract_dir("temporal-aware-transcoders", "converted/")          # SAE.load_from_disk-able
 
 Loading memory-maps the file and keeps its tensors as they are (``W_enc``/``W_dec`` are transposed
@@ -27,7 +27,7 @@ from difract_ext.adapters.dictionaries import (
     TimestepTranscoder,
     TimestepTranscoderConfig,
 )
-from difract_ext.atomic import atomic_write_json
+from difract_ext.util.atomic import atomic_write_json
 from difract_ext.dictionary.difract_format import (
     ROLES,
     CheckpointError,
@@ -132,15 +132,15 @@ def save_difract_checkpoint(module: Dictionary, path: str | Path) -> Path:
     return path
 
 
-def _discover(folder: Path, prefix: str, streams: Sequence[str]) -> dict[tuple[str, int], Path]:
-    found: dict[tuple[str, int], Path] = {}
+def _discover(folder: Path, prefix: str, streams: Sequence[str]) -> dict[Site, Path]:
+    found: dict[Site, Path] = {}
     for file in sorted(folder.glob(f"{prefix}_*.pt")):
         try:
             name = parse_difract_filename(file)
         except CheckpointError:
             continue
         if name.role == prefix and name.stream in streams:
-            found[(name.stream, name.layer)] = file
+            found[Site(name.layer, name.stream)] = file
     return found
 
 
@@ -151,8 +151,8 @@ def load_difract_dir(
     prefix: str = "transcoder",
     skip_missing: bool = False,
     **kwargs: Any,
-) -> dict[tuple[str, int], Dictionary]:
-    """Load ``{prefix}_{stream}_{layer}.pt`` files from a folder, keyed ``(stream, layer)``.
+) -> dict[Site, Dictionary]:
+    """Load ``{prefix}_{stream}_{layer}.pt`` files from a folder, keyed :class:`Site`.
 
     Args:
         folder: e.g. DifFRACT's ``temporal-aware-transcoders/``.
@@ -178,17 +178,17 @@ def load_difract_dir(
         if not wanted:
             raise CheckpointError(f"{folder}: no {prefix}_{{img,txt}}_{{layer}}.pt files found")
     else:
-        wanted = [(s, int(layer)) for layer in layers for s in streams]
-    out: dict[tuple[str, int], Dictionary] = {}
+        wanted = [Site(int(layer), s) for layer in layers for s in streams]
+    out: dict[Site, Dictionary] = {}
     for key in wanted:
         if key not in found:
             if skip_missing:
-                logger.info("skipping missing %s_%s_%d.pt", prefix, *key)
+                logger.info("skipping missing %s_%s.pt", prefix, key)
                 continue
-            have = sorted(layer for (s, layer) in found if s == key[0])
+            have = sorted(site.layer for site in found if site.stream == key.stream)
             raise CheckpointError(
-                f"{folder}: missing layer {key[1]} for stream {key[0]!r}: expected "
-                f"{prefix}_{key[0]}_{key[1]}.pt; layers present for {key[0]!r}: {have}. "
+                f"{folder}: missing layer {key.layer} for stream {key.stream!r}: expected "
+                f"{prefix}_{key}.pt; layers present for {key.stream!r}: {have}. "
                 "Pass skip_missing=True to load what exists."
             )
         out[key] = load_difract_checkpoint(found[key], **kwargs)
@@ -216,16 +216,16 @@ def convert_difract_dir(
     for prefix in prefixes:
         if not src.is_dir():
             raise CheckpointError(f"{src}: not a directory")
-        for (stream, layer), file in sorted(_discover(src, prefix, streams).items()):
+        for site, file in sorted(_discover(src, prefix, streams).items()):
             module = load_difract_checkpoint(file, **kwargs)
-            rel = Path(f"{prefix}s") / f"{stream}_{layer}"
+            rel = Path(f"{prefix}s") / str(site)
             module.save_model(dst / rel)
             entries.append({
                 "source_file": file.name,
                 "sha256": sha256_file(file),
                 "role": prefix,
-                "stream": stream,
-                "layer": layer,
+                "stream": site.stream,
+                "layer": site.layer,
                 "d_in": module.cfg.d_in,
                 "d_sae": module.cfg.d_sae,
                 "path": rel.as_posix(),
@@ -238,3 +238,90 @@ def convert_difract_dir(
         dst / "manifest.json",
         {"converted_by": f"difract-ext {__version__}", "source_dir": str(src), "files": entries},
     )
+
+
+def _role_of(module: Any) -> str:
+    return "transcoder" if isinstance(module, TimestepTranscoder) else "sae"
+
+
+def load_dictionary_dir(
+    path: str | Path,
+    role: str = "transcoder",
+    layers: Iterable[int] | None = None,
+    streams: Sequence[str] = ("img", "txt"),
+    device: str = "cpu",
+) -> dict[Site, Dictionary]:
+    """Every dictionary of one role in a folder, keyed :class:`Site`.
+
+    Reads SAELens folders (``**/cfg.json``, e.g. ``difract train`` output or ``difract convert``
+    output) or, when there are none, DifFRACT ``{role}_{stream}_{layer}.pt`` files.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder.
+        CheckpointError: no dictionary of that role; a folder whose metadata names no site; or
+            several dictionaries for one site (they are listed: pass the one you mean).
+    """
+    if role not in ROLES:
+        raise CheckpointError(f"role must be one of {ROLES}, got {role!r}")
+    for s in streams:
+        check_stream(s)
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such dictionary folder")
+    wanted_layers = None if layers is None else {int(x) for x in layers}
+    from sae_lens import SAE
+
+    found: dict[Site, list[tuple[Path, Dictionary]]] = {}
+    others: list[str] = []
+    for cfg in sorted(root.glob("**/cfg.json")):
+        if any(part.startswith(".") for part in cfg.relative_to(root).parts):
+            continue  # unfinished atomic writes (hidden temporaries) are never results
+        module = SAE.load_from_disk(str(cfg.parent), device=device)
+        if not isinstance(module, (TimestepTranscoder, TimestepSAE)):
+            raise CheckpointError(
+                f"{cfg.parent}: a {type(module).__name__}, not a difract-ext dictionary"
+            )
+        if _role_of(module) != role:
+            others.append(str(cfg.parent))
+            continue
+        md = module.cfg.metadata
+        if getattr(md, "layer", None) is None or getattr(md, "stream", None) is None:
+            raise CheckpointError(f"{cfg.parent}/cfg.json: metadata names no layer/stream")
+        site = Site(int(md.layer), str(md.stream))
+        if site.stream in streams and (wanted_layers is None or site.layer in wanted_layers):
+            found.setdefault(site, []).append((cfg.parent, module))
+    if not found and not others:
+        return load_difract_dir(root, layers=wanted_layers, streams=streams, prefix=role,
+                                device=device)
+    clashes = {site: [str(p) for p, _ in items] for site, items in found.items() if len(items) > 1}
+    if clashes:
+        lines = "; ".join(f"{site}: {', '.join(paths)}" for site, paths in sorted(clashes.items()))
+        raise CheckpointError(
+            f"{root}: several {role}s for one site ({lines}); pass the folder of the one you mean "
+            "(e.g. the variant's own sub-folder)"
+        )
+    if not found:
+        raise CheckpointError(
+            f"{root}: no {role} here (found {len(others)} dictionaries of the other role, e.g. "
+            f"{others[0]}); pass role='{'sae' if role == 'transcoder' else 'transcoder'}' or "
+            "another folder"
+        )
+    return {site: items[0][1] for site, items in sorted(found.items())}
+
+
+def load_shapes_dictionaries(
+    role: str = "transcoder",
+    layers: Iterable[int] | None = None,
+    streams: Sequence[str] = ("img", "txt"),
+) -> dict[Site, Dictionary]:
+    """The dictionaries shipped with the shapes model, keyed :class:`Site`.
+
+    Args:
+        role: ``"transcoder"`` (all 8 double-block MLPs) or ``"sae"`` (layers 1–2).
+        layers: which double blocks (None: all shipped).
+        streams: ``"img"`` and/or ``"txt"``.
+    """
+    from difract_ext.toy.pipeline import shapes_dictionaries_path
+
+    return load_dictionary_dir(shapes_dictionaries_path() / f"{role}s", role=role, layers=layers,
+                               streams=streams)

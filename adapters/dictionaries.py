@@ -32,7 +32,7 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 from typing_extensions import override
 
-from difract_ext.atomic import atomic_directory
+from difract_ext.util.atomic import atomic_directory
 from difract_ext.dictionary.conditioning import (
     ConditioningFields,
     TimestepConditioned,

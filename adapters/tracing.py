@@ -36,12 +36,11 @@ from torch import nn
 from difract_ext.flux.sites import (
     STREAM_MODULES,
     Site,
-    SiteError,
-    check_stream,
+    as_site,
     default_num_inference_steps,
     transformer_calls_per_step,
 )
-from difract_ext.splice import SpliceMode, TranscoderSite, check_dictionary_fits, spliced
+from difract_ext.intervene.splice import SpliceMode, TranscoderSite, check_dictionary_fits, spliced
 
 
 class PipelineRoot(nn.Module):
@@ -219,9 +218,9 @@ class FluxModel(DiffusionModel):
         """Attach dictionaries, one per ``(layer, stream)``.
 
         Args:
-            transcoders: a mapping keyed ``(layer, stream)``, ``(stream, layer)`` (as returned by
-                :func:`difract_ext.load_difract_dir`) or :class:`Site`; or an iterable of
-                dictionaries whose metadata names their layer and stream.
+            transcoders: ``{Site: transcoder}`` (as every loader returns; ``"img_3"`` and
+                ``(3, "img")`` keys are converted), or an iterable of transcoders whose metadata
+                names their layer and stream.
             mode: ``"delta"`` (edits add ``(z' − z)·W_dec`` to the true MLP output; unedited runs
                 are bit-identical) or ``"replace"`` (the MLP output becomes ``decode(z')``).
             keep_error: in replace mode, add the transcoder's error ``y − decode(z)`` back.
@@ -231,11 +230,11 @@ class FluxModel(DiffusionModel):
                 dictionary whose width does not match the model.
         """
         items = transcoders.items() if isinstance(transcoders, Mapping) else (
-            ((d.cfg.metadata.layer, d.cfg.metadata.stream), d) for d in transcoders
+            (Site(int(d.cfg.metadata.layer), str(d.cfg.metadata.stream)), d) for d in transcoders
         )
         new: dict[Site, TranscoderSite] = {}
         for key, dictionary in items:
-            site = _as_site(key)
+            site = as_site(key)
             check_dictionary_fits(self.pipeline.transformer, site, dictionary)
             new[site] = TranscoderSite(dictionary, site, mode=mode, keep_error=keep_error)
         self._difract_sites.update(new)
@@ -263,19 +262,3 @@ class FluxModel(DiffusionModel):
         for site, mod in sites.items():
             blocks[site.layer][STREAM_MODULES[site.stream]] = mod
         self.transcoders = blocks
-
-
-def _as_site(key: Any) -> Site:
-    if isinstance(key, Site):
-        return key
-    if isinstance(key, tuple) and len(key) == 2:
-        a, b = key
-        layer, stream = (a, b) if isinstance(b, str) else (b, a)
-        if stream == "single":
-            raise SiteError(
-                "transcoders on single-stream blocks are not supported: their MLP is fused with "
-                "the attention output in `proj_out`; attach to double blocks ('img'/'txt')"
-            )
-        check_stream(stream)
-        return Site(int(layer), stream)
-    raise SiteError(f"cannot read (layer, stream) from key {key!r}")

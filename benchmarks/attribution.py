@@ -37,9 +37,9 @@ def setup(model: str, size: int, d_sae: int):
         pipe = load_shapes_pipeline()
         call = {k: v for k, v in SHAPES_CALL_DEFAULTS.items() if k not in ("num_inference_steps", "height", "width")}
         try:
-            from difract_ext.toy import load_shapes_transcoders
+            from difract_ext import load_shapes_dictionaries
 
-            dics = {Site(layer, stream): d for (stream, layer), d in load_shapes_transcoders().items()}
+            dics = load_shapes_dictionaries()
         except (ImportError, FileNotFoundError):
             dics = None
     else:
@@ -97,7 +97,7 @@ def run_batched(args: argparse.Namespace, out: Path) -> dict:
 def run_reference(args: argparse.Namespace, out: Path, batched_file: Path) -> dict:
     """One forward and one backward per node, DifFRACT-style."""
     from difract_ext.adapters.attribution import FluxReplacementModel
-    from difract_ext.graphs.metadata import RESIDUE_FEATURE
+    from difract_ext.attribution.graph_meta import RESIDUE_FEATURE
 
     pipe, step, dics = setup(args.model, args.size, args.d_sae)
     # gradients with respect to activations only, as DifFRACT's torch.autograd.grad(inputs=...)
@@ -152,7 +152,7 @@ def run_reference(args: argparse.Namespace, out: Path, batched_file: Path) -> di
 
 def compare(batched_file: Path, ref_file: Path) -> float:
     """Max relative disagreement over every edge the two share (the reference has no residue)."""
-    from difract_ext.graphs.metadata import RESIDUE_FEATURE
+    from difract_ext.attribution.graph_meta import RESIDUE_FEATURE
 
     b = torch.load(batched_file, weights_only=True)
     r = torch.load(ref_file, weights_only=True)

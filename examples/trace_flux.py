@@ -27,9 +27,9 @@ def load(model: str):
         pipe = load_shapes_pipeline()
         kw = {k: v for k, v in SHAPES_CALL_DEFAULTS.items() if k != "num_inference_steps"}
         try:
-            from difract_ext.toy import load_shapes_transcoders
+            from difract_ext import load_shapes_dictionaries
 
-            tcs = load_shapes_transcoders(layers=[1], streams=("img",))
+            tcs = load_shapes_dictionaries(layers=[1], streams=("img",))
         except (ImportError, FileNotFoundError):
             tcs = None
         return pipe, kw, tcs, "a red circle on the left"

@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from difract_ext.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
+from difract_ext.util.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
 from difract_ext.capture import HarvestConfig, HarvestReader, harvest, site_key
-from difract_ext.capture.sources import double_block_sites, load_pipeline, load_prompts
+from difract_ext.cli.sources import double_block_sites, load_pipeline, load_prompts
 from difract_ext.flux.sites import Site
 from difract_ext.training import DictionarySpec, TrainConfig, load_dictionaries, run_evaluation, train_dictionaries
 

@@ -9,8 +9,8 @@ from circuit_tracer.graph import compute_graph_scores, prune_graph
 from difract_ext import Site, TimestepTranscoder, TimestepTranscoderConfig
 from difract_ext.adapters.attribution import attribute_step
 from difract_ext.flux.tiny import build_tiny_flux_pipeline
-from difract_ext.graphs.metadata import RESIDUE_FEATURE
-from difract_ext.replacement import validation as V
+from difract_ext.attribution.graph_meta import RESIDUE_FEATURE
+from difract_ext.attribution import validation as V
 from difract_ext.replacement.frozen import FrozenFlux
 from difract_ext.replacement.inputs import capture_step_input
 from difract_ext.replacement.targets import feature_target, output_target

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from difract_ext import Site, TimestepTranscoder, TimestepTranscoderConfig, save_difract_checkpoint
-from difract_ext.attribution_job import load_dictionaries, parse_target, run_attribution
+from difract_ext.adapters.checkpoints import load_dictionary_dir
+from difract_ext.cli.attribution_job import parse_target, run_attribution
+from difract_ext.dictionary import CheckpointError
 from difract_ext.flux.directions import colour_directions, region_patches
 from difract_ext.flux.sites import dictionary_metadata
 from difract_ext.flux.tiny import build_tiny_flux_pipeline
@@ -66,13 +68,19 @@ def test_load_dictionaries_both_layouts(pipe, tmp_path: Path) -> None:
     for site, tc in dics.items():
         tc.save_model(tmp_path / "saelens" / f"{site.stream}_{site.layer}")
         save_difract_checkpoint(tc, tmp_path / "pt" / f"transcoder_{site.stream}_{site.layer}.pt")
-    a = load_dictionaries(tmp_path / "saelens")
-    b = load_dictionaries(tmp_path / "pt")
+    a = load_dictionary_dir(tmp_path / "saelens")
+    b = load_dictionary_dir(tmp_path / "pt")
     assert sorted(a) == sorted(b) == sorted(dics)
     x = torch.randn(5, pipe.transformer.inner_dim)
     assert torch.equal(a[Site(1, "txt")](x, t=0.5), dics[Site(1, "txt")](x, t=0.5))
     with pytest.raises(FileNotFoundError):
-        load_dictionaries(tmp_path / "nope")
+        load_dictionary_dir(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no sae here .*role='transcoder'"):
+        load_dictionary_dir(tmp_path / "saelens", role="sae")
+    # two variants for one site: refused, both listed
+    dics[Site(1, "txt")].save_model(tmp_path / "saelens" / "variant_b")
+    with pytest.raises(CheckpointError, match=r"several transcoders for one site \(txt_1: .*txt_1, .*variant_b"):
+        load_dictionary_dir(tmp_path / "saelens")
 
 
 def test_run_attribution_end_to_end(pipe, tmp_path: Path) -> None:

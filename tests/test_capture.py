@@ -11,7 +11,7 @@ import torch
 
 from difract_ext.capture import HarvestConfig, HarvestFormatError, HarvestReader, harvest
 from difract_ext.capture.format import read_all_shards
-from difract_ext.capture.sources import load_pipeline, parse_sites
+from difract_ext.cli.sources import load_pipeline, parse_sites
 from difract_ext.flux.sites import Site
 
 PROMPTS = ["a red circle", "the cat on the left of a dog", "dog", "a big blue square at the top"]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from difract_ext.capture import HarvestConfig, HarvestReader, harvest
-from difract_ext.capture.sources import load_pipeline
+from difract_ext.cli.sources import load_pipeline
 from difract_ext.capture.synthetic import synthetic_harvest
 from difract_ext.flux.sites import Site
 from difract_ext.training import DictionarySpec, TrainConfig, train_dictionaries
@@ -38,7 +38,7 @@ WORKER = textwrap.dedent('''
     import test_distributed as T
     from difract_ext.capture import harvest
     from difract_ext.capture.processes import process_state
-    from difract_ext.capture.sources import load_pipeline
+    from difract_ext.cli.sources import load_pipeline
     from difract_ext.training import train_dictionaries
     torch.set_num_threads(1)
     out = Path(sys.argv[2])

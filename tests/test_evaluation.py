@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from difract_ext.capture.sources import load_pipeline
+from difract_ext.cli.sources import load_pipeline
 from difract_ext.capture.synthetic import synthetic_harvest
 from difract_ext.flux.sites import Site
 from difract_ext.training import (

@@ -15,7 +15,7 @@ import pytest
 from circuit_tracer.frontend.graph_models import Metadata, Model
 from PIL import Image
 
-from difract_ext import atomic
+from difract_ext.util import atomic
 from difract_ext.graphs.files import (
     ERROR_FEATURE_TYPE,
     FEATURE_TYPE,
@@ -26,7 +26,7 @@ from difract_ext.graphs.files import (
     upsert_graph_metadata,
     write_graph_files,
 )
-from difract_ext.graphs.metadata import RESIDUE_FEATURE
+from difract_ext.attribution.graph_meta import RESIDUE_FEATURE
 from difract_ext.graphs.server import safe_resolve, serve
 from difract_ext.graphs.synthetic import synthetic_graph, synthetic_image
 

@@ -2,7 +2,7 @@
 
 - :func:`harvest` / :class:`HarvestConfig`: run a pipeline and write ``(x, y, t)`` rows per site;
 - :class:`HarvestReader`: read committed shards (format in :mod:`difract_ext.capture.format`);
-- :mod:`difract_ext.capture.sources`: pipelines and prompt lists by name.
+- :mod:`difract_ext.cli.sources`: pipelines and prompt lists by name.
 """
 
 from difract_ext.capture.format import HarvestFormatError, HarvestReader, ShardInfo, parse_site_key, site_key

@@ -46,7 +46,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from difract_ext.atomic import atomic_write_json
+from difract_ext.util.atomic import atomic_write_json
 from difract_ext.flux.sites import STREAMS, Site
 
 logger = logging.getLogger(__name__)

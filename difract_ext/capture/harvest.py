@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from difract_ext.atomic import atomic_write_json
+from difract_ext.util.atomic import atomic_write_json
 from difract_ext.capture.format import (
     CONFIG_FILE,
     DTYPES,

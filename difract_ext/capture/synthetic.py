@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from difract_ext.atomic import atomic_write_json
+from difract_ext.util.atomic import atomic_write_json
 from difract_ext.capture.format import (
     CONFIG_FILE,
     FORMAT,

@@ -15,8 +15,10 @@ diffusers module ``transformer_blocks.{layer}.ff``) or text MLP (``"txt"``,
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 STREAMS: tuple[str, ...] = ("img", "txt")
 STREAM_MODULES: dict[str, str] = {"img": "ff", "txt": "ff_context"}
@@ -26,6 +28,9 @@ FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 #: The 4 values FLUX.1-schnell's transformer receives (scheduler 1000, 750, 500, 250 cast to
 #: bf16, so 750 -> 752, then divided by 1000 in bf16). DifFRACT's transcoders saw only these.
 SCHNELL_TIMESTEPS: tuple[float, ...] = (1.0, 0.75390625, 0.5, 0.25)
+
+
+V = TypeVar("V")
 
 
 class SiteError(ValueError):
@@ -41,17 +46,46 @@ def check_stream(stream: str) -> str:
     return stream
 
 
+_SITE_RE = re.compile(r"^(?P<stream>[a-z]+)_(?P<layer>[0-9]+)$")
+SITE_FORM = "'img_3' (stream_layer), i.e. Site(3, 'img')"
+
+
 @dataclass(frozen=True, order=True)
 class Site:
-    """One MLP of a double-stream block: ``(layer, stream)``."""
+    """One MLP of a double-stream block: ``Site(layer, stream)``.
+
+    Its one string form (files, folders, shards, the CLI) is ``"{stream}_{layer}"``, e.g.
+    ``str(Site(3, "img")) == "img_3"``; :meth:`parse` is the inverse and :func:`as_site`
+    converts any accepted key.
+    """
 
     layer: int
     stream: str
 
     def __post_init__(self) -> None:
+        if self.stream == "single":
+            raise SiteError(
+                "transcoders on single-stream blocks are not supported: their MLP is fused with "
+                "the attention output in `proj_out`; use double-block sites ('img' / 'txt')"
+            )
         check_stream(self.stream)
         if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
             raise SiteError(f"layer must be a non-negative int, got {self.layer!r}")
+
+    def __str__(self) -> str:
+        return f"{self.stream}_{self.layer}"
+
+    @classmethod
+    def parse(cls, text: str) -> Site:
+        """``"img_3" -> Site(3, "img")``.
+
+        Raises:
+            SiteError: any other spelling; the message shows the accepted form.
+        """
+        m = _SITE_RE.match(str(text).strip())
+        if not m:
+            raise SiteError(f"not a site: {text!r}; write a site as {SITE_FORM}")
+        return cls(int(m.group("layer")), m.group("stream"))
 
     @property
     def module_path(self) -> str:
@@ -75,6 +109,45 @@ class Site:
                 f"double-stream blocks (layers 0..{num_double_layers - 1})"
             )
         return self
+
+
+def as_site(key: object) -> Site:
+    """The :class:`Site` a key names: a ``Site``, its string form ``"img_3"``, or ``(3, "img")``.
+
+    A ``(stream, layer)`` tuple is refused rather than guessed: it is the order of DifFRACT's file
+    names, not of ``Site``.
+
+    Raises:
+        SiteError: anything else, with the accepted forms.
+    """
+    if isinstance(key, Site):
+        return key
+    if isinstance(key, str):
+        return Site.parse(key)
+    if isinstance(key, tuple) and len(key) == 2:
+        layer, stream = key
+        if isinstance(layer, str) and not isinstance(stream, str):
+            raise SiteError(
+                f"{key!r} is a (stream, layer) tuple; sites are keyed Site(layer, stream): "
+                f"use Site({stream!r}, {layer!r}) or the string "
+                f"'{layer}_{stream}'"
+            )
+        if isinstance(stream, str) and isinstance(layer, int) and not isinstance(layer, bool):
+            return Site(layer, stream)
+    raise SiteError(f"cannot read a site from {key!r}; write a site as {SITE_FORM}")
+
+
+def as_site_dict(mapping: Mapping[Any, V], what: str = "dictionaries") -> dict[Site, V]:
+    """``{key: value}`` with every key converted by :func:`as_site` (two keys for one site: error)."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{what} must be a mapping {{Site: value}}, got {type(mapping).__name__}")
+    out: dict[Site, V] = {}
+    for key, value in mapping.items():
+        site = as_site(key)
+        if site in out:
+            raise SiteError(f"{what}: two entries for site {site} ({key!r} and an earlier key)")
+        out[site] = value
+    return out
 
 
 def dictionary_metadata(

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from difract_ext.atomic import atomic_write_json
-from difract_ext.graphs.metadata import GraphMeta
+from difract_ext.util.atomic import atomic_write_json
+from difract_ext.attribution.graph_meta import GraphMeta
 
 if TYPE_CHECKING:
     from circuit_tracer.graph import Graph

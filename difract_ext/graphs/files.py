@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from difract_ext.atomic import atomic_write_bytes, atomic_write_json
-from difract_ext.graphs.metadata import RESIDUE_FEATURE, GraphMeta
+from difract_ext.util.atomic import atomic_write_bytes, atomic_write_json
+from difract_ext.attribution.graph_meta import RESIDUE_FEATURE, GraphMeta
 
 if TYPE_CHECKING:
     from circuit_tracer.frontend.graph_models import Node
@@ -308,7 +308,7 @@ def write_graph_files(
     atomically; serve the folder with :func:`difract_ext.graphs.server.serve`.
 
     Args:
-        graph: circuit-tracer graph (standard layout, see :mod:`difract_ext.graphs.metadata`).
+        graph: circuit-tracer graph (standard layout, see :mod:`difract_ext.attribution.graph_meta`).
         meta: positions, layers and the run the graph belongs to.
         out_dir: the data folder (created if missing).
         slug: file stem / id (letters, digits, ``._-``).

@@ -33,7 +33,7 @@ from typing import Any
 from circuit_tracer.frontend.local_server import CircuitGraphHandler, Server
 from typing_extensions import Self
 
-from difract_ext.atomic import atomic_write_json
+from difract_ext.util.atomic import atomic_write_json
 from difract_ext.graphs.files import validate_slug
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """A small synthetic FLUX-style attribution graph, for tests and for trying the frontend.
 
-The graph follows the standard layout (:mod:`difract_ext.graphs.metadata`): double-stream layers
+The graph follows the standard layout (:mod:`difract_ext.attribution.graph_meta`): double-stream layers
 carry image- and text-stream features (and one unexplored-feature residue node each), every layer
 has error nodes, inputs are one per position, and the targets sit on top. Edges only go from a
 lower level (inputs < layer 0 < layer 1 < ... < targets) to a higher one, so the adjacency is a DAG.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from difract_ext.graphs.metadata import RESIDUE_FEATURE, GraphMeta
+from difract_ext.attribution.graph_meta import RESIDUE_FEATURE, GraphMeta
 
 if TYPE_CHECKING:
     from circuit_tracer.graph import Graph

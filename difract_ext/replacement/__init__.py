@@ -4,5 +4,5 @@
 - :mod:`~difract_ext.replacement.frozen`: ``FrozenFlux``, the step with circuit-tracer's freeze points;
 - :mod:`~difract_ext.replacement.components`: transcoder activations, encoder/decoder vectors, errors;
 - :mod:`~difract_ext.replacement.targets`: output (region × direction) and feature targets;
-- :mod:`~difract_ext.replacement.validation`: perturbation, conservation and ablation checks.
+- :mod:`~difract_ext.attribution.validation`: perturbation, conservation and ablation checks.
 """

@@ -6,7 +6,8 @@ below are imported lazily (on first attribute access) so importing the world sta
 * :func:`load_shapes_pipeline` — the shipped ``FluxPipeline`` (offline).
 * :data:`SHAPES_CALL_DEFAULTS` — the call keywords (32×32, 4 steps, no guidance, 16 tokens).
 * :func:`shapes_pipeline_path` — the folder of the shipped weights.
-* :func:`load_shapes_transcoders` — the shipped transcoders / SAEs, keyed ``(stream, layer)``.
+* :func:`shapes_dictionaries_path` — the folder of the shipped dictionaries (load them with
+  :func:`difract_ext.load_shapes_dictionaries`, keyed ``Site``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from difract_ext.toy.pipeline import (
         SHAPES_CALL_DEFAULTS,
         load_shapes_pipeline,
-        load_shapes_transcoders,
         shapes_dictionaries_path,
         shapes_pipeline_path,
     )
@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "SHAPES_CALL_DEFAULTS",
     "load_shapes_pipeline",
-    "load_shapes_transcoders",
     "shapes_dictionaries_path",
     "shapes_pipeline_path",
 ]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -169,38 +168,3 @@ def generate_images(
 def shapes_dictionaries_path() -> Path:
     """Folder of the shipped dictionaries: ``{transcoders,saes}/<site>/`` SAELens folders."""
     return Path(__file__).resolve().parent / "dictionaries"
-
-
-def load_shapes_transcoders(
-    layers: list[int] | None = None,
-    streams: tuple[str, ...] = ("img", "txt"),
-    role: str = "transcoder",
-    path: Path | None = None,
-) -> dict[tuple[str, int], Any]:
-    """The shipped dictionaries of the shapes model, keyed ``(stream, layer)``.
-
-    Args:
-        layers: which double blocks (None: all shipped).
-        streams: ``"img"`` and/or ``"txt"``.
-        role: ``"transcoder"`` or ``"sae"``.
-
-    Raises:
-        FileNotFoundError: nothing shipped for that role (run scripts/train_shapes_dictionaries.py).
-    """
-    from sae_lens import SAE
-
-    import difract_ext  # noqa: F401  (registers the SAELens architectures)
-
-    root = (path or shapes_dictionaries_path()) / f"{role}s"
-    found: dict[tuple[str, int], Any] = {}
-    for cfg in sorted(root.glob("*/cfg.json")):
-        dic = SAE.load_from_disk(cfg.parent)
-        key = (str(dic.cfg.metadata.stream), int(dic.cfg.metadata.layer))
-        if key[0] in streams and (layers is None or key[1] in layers):
-            found[key] = dic
-    if not found:
-        raise FileNotFoundError(
-            f"no shipped {role}s for layers={layers} streams={streams} under {root}; "
-            "build them with scripts/train_shapes_dictionaries.py"
-        )
-    return found

@@ -39,7 +39,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from difract_ext import __version__
-from difract_ext.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
+from difract_ext.util.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
 from difract_ext.capture.format import HarvestReader, site_key
 from difract_ext.capture.processes import make_accelerator
 from difract_ext.training.data import GroupData, derive_seed, group_rows, plan_groups, steps_per_stream

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from difract_ext.capture.format import site_key
 from difract_ext.flux.sites import Site
-from difract_ext.splice import TranscoderSite, spliced
+from difract_ext.intervene.splice import TranscoderSite, spliced
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from difract_ext.cli_graphs import add_graph_commands
+from difract_ext.cli.graphs import add_graph_commands
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -27,13 +27,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from difract_ext.toy.demo import run_demo
+    from difract_ext.cli.demo import run_demo
 
     path = run_demo(Path(args.out))
     print(f"images: {path}")
     if args.no_graph:
         return 0
-    from difract_ext.attribution_job import DEMO_PROMPT, demo_graph
+    from difract_ext.cli.attribution_job import DEMO_PROMPT, demo_graph
 
     graphs = Path(args.out) / "graphs"
     report = demo_graph(graphs)
@@ -50,7 +50,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_harvest(args: argparse.Namespace) -> int:
     from difract_ext.capture import HarvestConfig, harvest
     from difract_ext.capture.processes import process_state
-    from difract_ext.capture.sources import load_pipeline, load_prompts, parse_sites
+    from difract_ext.cli.sources import load_pipeline, load_prompts, parse_sites
 
     device = args.device or str(process_state().device)
     loaded = load_pipeline(args.model, device=device, dtype=args.model_dtype)
@@ -82,7 +82,7 @@ def _cmd_harvest(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from difract_ext.capture import HarvestReader
     from difract_ext.capture.processes import process_state
-    from difract_ext.capture.sources import parse_sites
+    from difract_ext.cli.sources import parse_sites
     from difract_ext.training import TrainConfig, train_dictionaries
     from difract_ext.training.specs import specs_from_options
 
@@ -118,7 +118,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from difract_ext.capture.sources import load_pipeline, load_prompts
+    from difract_ext.cli.sources import load_pipeline, load_prompts
     from difract_ext.training import run_evaluation
 
     pipe, call, scorer = None, None, None
@@ -346,6 +346,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"difract {args.command}: error: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,19 +22,19 @@ def _load_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    from difract_ext.attribution_job import load_dictionaries, run_attribution
+    from difract_ext.adapters.checkpoints import load_dictionary_dir
+    from difract_ext.cli.attribution_job import run_attribution
 
     pipe, call = _load_pipeline(args.model)
     for key in ("height", "width", "max_sequence_length"):
         if getattr(args, key) is not None:
             call[key] = getattr(args, key)
     if args.transcoders:
-        dictionaries = load_dictionaries(args.transcoders)
+        dictionaries = load_dictionary_dir(args.transcoders, role="transcoder")
     elif args.model == "shapes":
-        from difract_ext.flux.sites import Site
-        from difract_ext.toy import load_shapes_transcoders
+        from difract_ext.adapters.checkpoints import load_shapes_dictionaries
 
-        dictionaries = {Site(layer, s): d for (s, layer), d in load_shapes_transcoders().items()}
+        dictionaries = load_shapes_dictionaries()
     else:
         raise ValueError("give --transcoders DIR for a model other than the shipped shapes model")
     report = run_attribution(

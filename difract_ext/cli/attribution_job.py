@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 
-from difract_ext.atomic import atomic_write_json
+from difract_ext.util.atomic import atomic_write_json
 from difract_ext.flux.directions import colour_directions, region_patches
 from difract_ext.flux.sites import Site, check_stream
 
@@ -104,29 +104,6 @@ def build_targets(
     return make
 
 
-def load_dictionaries(path: str | Path) -> dict[Site, Any]:
-    """Transcoders from a folder: SAELens sub-folders (``cfg.json``) or DifFRACT ``.pt`` files."""
-    from sae_lens import SAE
-
-    from difract_ext.adapters.checkpoints import load_difract_dir
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such transcoder folder")
-    out: dict[Site, Any] = {}
-    for cfg in sorted(path.glob("**/cfg.json")):
-        dic = SAE.load_from_disk(cfg.parent)
-        if type(dic).__name__ != "TimestepTranscoder":
-            continue
-        md = dic.cfg.metadata
-        if md.layer is None or md.stream is None:
-            raise ValueError(f"{cfg.parent}: metadata names no layer/stream")
-        out[Site(int(md.layer), md.stream)] = dic
-    if not out:
-        out = {Site(layer, stream): d for (stream, layer), d in load_difract_dir(path).items()}
-    return out
-
-
 def run_attribution(
     pipeline: Any,
     prompt: str,
@@ -155,7 +132,7 @@ def run_attribution(
 
     from difract_ext.adapters.attribution import attribute_step
     from difract_ext.graphs.files import write_graph_files
-    from difract_ext.replacement import validation
+    from difract_ext.attribution import validation
     from difract_ext.replacement.inputs import capture_step_input
 
     requests = [parse_target(t) for t in targets]
@@ -209,10 +186,11 @@ DEMO_PROMPT = "a red circle on the left and a blue square on the right"
 def demo_graph(out_dir: str | Path, prompt: str = DEMO_PROMPT, step: int = 1,
                targets: tuple[str, ...] = ("x0:red@left",)) -> dict[str, Any]:
     """The demo's graph: the shapes model, its shipped transcoders, "how red is the left object"."""
-    from difract_ext.toy import SHAPES_CALL_DEFAULTS, load_shapes_pipeline, load_shapes_transcoders
+    from difract_ext.adapters.checkpoints import load_shapes_dictionaries
+    from difract_ext.toy import SHAPES_CALL_DEFAULTS, load_shapes_pipeline
 
     pipe = load_shapes_pipeline()
-    dictionaries = {Site(layer, s): d for (s, layer), d in load_shapes_transcoders().items()}
+    dictionaries = load_shapes_dictionaries()
     call = {k: v for k, v in SHAPES_CALL_DEFAULTS.items() if k != "num_inference_steps"}
     return run_attribution(pipe, prompt, step, list(targets), dictionaries, out_dir,
                            num_inference_steps=int(SHAPES_CALL_DEFAULTS["num_inference_steps"]),

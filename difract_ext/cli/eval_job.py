@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difract_ext.atomic import atomic_write_bytes, atomic_write_json
+from difract_ext.util.atomic import atomic_write_bytes, atomic_write_json
 from difract_ext.capture.format import HarvestReader, site_key
 from difract_ext.flux.sites import Site
 from difract_ext.training.evaluation import (
@@ -24,7 +24,7 @@ from difract_ext.training.evaluation import (
     per_timestep_table,
 )
 from difract_ext.training.plots import curves_table, plot_sparsity_faithfulness
-from difract_ext.training.splice import ImageScorer, splice_table, spliced_generation
+from difract_ext.intervene.generation import ImageScorer, splice_table, spliced_generation
 from difract_ext.training.store import TrainedDictionary, load_dictionaries
 
 logger = logging.getLogger(__name__)

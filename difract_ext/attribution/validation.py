@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from difract_ext.graphs.metadata import RESIDUE_FEATURE
+from difract_ext.attribution.graph_meta import RESIDUE_FEATURE
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Demo: a grid of images from the shipped shapes pipeline, each with the analyzer's verdict.
 
-``python -m difract_ext.toy.demo [--out DIR]`` (what ``make demo`` runs) writes
+``python -m difract_ext.cli.demo [--out DIR]`` (what ``make demo`` runs) writes
 ``DIR/shapes_demo.png`` and prints its path. Offline; well under a minute on 2 CPU cores.
 """
 

@@ -20,32 +20,42 @@ from typing import Any
 import torch
 from sae_lens.saes.sae import SAEMetadata
 
-from difract_ext import __version__
+from difract_ext._version import __version__
 from difract_ext.adapters.dictionaries import (
     TimestepSAE,
     TimestepSAEConfig,
     TimestepTranscoder,
     TimestepTranscoderConfig,
 )
-from difract_ext.util.atomic import atomic_write_json
 from difract_ext.dictionary.difract_format import (
     ROLES,
     CheckpointError,
     from_dictionary_state_dict,
-    parse_difract_filename,
     load_state_dict_safely,
+    parse_difract_filename,
     sha256_file,
     to_dictionary_state_dict,
     validate_difract_state_dict,
 )
-from difract_ext.flux.sites import FLUX_SCHNELL, SCHNELL_TIMESTEPS, Site, check_stream, dictionary_metadata
+from difract_ext.flux.sites import (
+    FLUX_SCHNELL,
+    SCHNELL_TIMESTEPS,
+    Site,
+    check_stream,
+    dictionary_metadata,
+)
+from difract_ext.util.atomic import atomic_write_json, atomic_write_with
 
 logger = logging.getLogger(__name__)
 
 Dictionary = TimestepTranscoder | TimestepSAE
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-                torch.float64: "float64"}
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
 
 
 def load_difract_checkpoint(
@@ -102,7 +112,9 @@ def load_difract_checkpoint(
         "metadata": SAEMetadata(**metadata),
     }
     if role == "transcoder":
-        module: Dictionary = TimestepTranscoder(TimestepTranscoderConfig(d_out=dims.d_model, **common))
+        module: Dictionary = TimestepTranscoder(
+            TimestepTranscoderConfig(d_out=dims.d_model, **common)
+        )
     else:
         module = TimestepSAE(TimestepSAEConfig(**common))
     module.cfg.device = device
@@ -125,11 +137,7 @@ def save_difract_checkpoint(module: Dictionary, path: str | Path) -> Path:
         )
     path = Path(path)
     sd = from_dictionary_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write_with(path, lambda tmp: torch.save(sd, tmp))
 
 
 def _discover(folder: Path, prefix: str, streams: Sequence[str]) -> dict[Site, Path]:
@@ -220,17 +228,19 @@ def convert_difract_dir(
             module = load_difract_checkpoint(file, **kwargs)
             rel = Path(f"{prefix}s") / str(site)
             module.save_model(dst / rel)
-            entries.append({
-                "source_file": file.name,
-                "sha256": sha256_file(file),
-                "role": prefix,
-                "stream": site.stream,
-                "layer": site.layer,
-                "d_in": module.cfg.d_in,
-                "d_sae": module.cfg.d_sae,
-                "path": rel.as_posix(),
-                "architecture": module.cfg.architecture(),
-            })
+            entries.append(
+                {
+                    "source_file": file.name,
+                    "sha256": sha256_file(file),
+                    "role": prefix,
+                    "stream": site.stream,
+                    "layer": site.layer,
+                    "d_in": module.cfg.d_in,
+                    "d_sae": module.cfg.d_sae,
+                    "path": rel.as_posix(),
+                    "architecture": module.cfg.architecture(),
+                }
+            )
             logger.info("converted %s -> %s", file.name, rel)
     if not entries:
         raise CheckpointError(f"{src}: no DifFRACT checkpoints ({'/'.join(prefixes)}_*.pt) found")
@@ -291,8 +301,9 @@ def load_dictionary_dir(
         if site.stream in streams and (wanted_layers is None or site.layer in wanted_layers):
             found.setdefault(site, []).append((cfg.parent, module))
     if not found and not others:
-        return load_difract_dir(root, layers=wanted_layers, streams=streams, prefix=role,
-                                device=device)
+        return load_difract_dir(
+            root, layers=wanted_layers, streams=streams, prefix=role, device=device
+        )
     clashes = {site: [str(p) for p, _ in items] for site, items in found.items() if len(items) > 1}
     if clashes:
         lines = "; ".join(f"{site}: {', '.join(paths)}" for site, paths in sorted(clashes.items()))
@@ -323,5 +334,6 @@ def load_shapes_dictionaries(
     """
     from difract_ext.toy.pipeline import shapes_dictionaries_path
 
-    return load_dictionary_dir(shapes_dictionaries_path() / f"{role}s", role=role, layers=layers,
-                               streams=streams)
+    return load_dictionary_dir(
+        shapes_dictionaries_path() / f"{role}s", role=role, layers=layers, streams=streams
+    )

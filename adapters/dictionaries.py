@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig
@@ -32,7 +32,6 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 from typing_extensions import override
 
-from difract_ext.util.atomic import atomic_directory
 from difract_ext.dictionary.conditioning import (
     ConditioningFields,
     TimestepConditioned,
@@ -40,6 +39,7 @@ from difract_ext.dictionary.conditioning import (
     as_feature_major,
 )
 from difract_ext.dictionary.timestep import TimestepLike
+from difract_ext.util.atomic import atomic_directory
 
 TRANSCODER_ARCHITECTURE = "difract_timestep_transcoder"
 SAE_ARCHITECTURE = "difract_timestep_sae"
@@ -175,10 +175,13 @@ class TimestepTranscoder(_SAELensConditioned, Transcoder):
     """
 
     cfg: TimestepTranscoderConfig  # type: ignore[assignment]
+    role: ClassVar[str] = "transcoder"  # read by difract_ext.flux.roles (no SAELens import there)
 
     def __init__(self, cfg: TimestepTranscoderConfig, use_error_term: bool = False):
         if use_error_term:
-            raise ValueError("transcoders have no error term inside forward(); see difract_ext.FluxModel")
+            raise ValueError(
+                "transcoders have no error term inside forward(); see difract_ext.FluxModel"
+            )
         super().__init__(cfg)
 
     @override
@@ -214,6 +217,7 @@ class TimestepSAE(_SAELensConditioned, StandardSAE):
     """A timestep-conditioned SAE on an MLP output: ``[..., d_in] -> [..., d_in]``."""
 
     cfg: TimestepSAEConfig  # type: ignore[assignment]
+    role: ClassVar[str] = "sae"  # an SAE of the MLP output: never a stand-in for the MLP
 
     @override
     def initialize_weights(self) -> None:
@@ -258,3 +262,57 @@ def register_architectures() -> None:
 
 
 register_architectures()
+
+
+class SAELensDictionaryIO:
+    """The trainer's :class:`~difract_ext.training.dictionary_io.DictionaryIO` for SAELens.
+
+    Builds :class:`TimestepTranscoder` / :class:`TimestepSAE`, writes SAELens folders
+    (``cfg.json`` + ``sae_weights.safetensors``) and reads them with ``SAE.load_from_disk``.
+    Use the shared instance :data:`SAELENS_IO`.
+    """
+
+    def build(
+        self,
+        role: str,
+        d_model: int,
+        d_sae: int,
+        *,
+        activation: str,
+        k: int | None,
+        d_t_embed: int,
+        trained_timesteps: list[float] | None,
+        metadata: dict[str, Any],
+        device: str,
+    ) -> TimestepTranscoder | TimestepSAE:
+        """A fresh dictionary on ``[..., d_model]`` activations (from the global torch RNG)."""
+        common: dict[str, Any] = dict(
+            d_in=d_model,
+            d_sae=d_sae,
+            d_t_embed=d_t_embed,
+            activation=activation,
+            k=k,
+            trained_timesteps=trained_timesteps,
+            metadata=metadata,
+            device=device,
+        )
+        if role == "transcoder":
+            return TimestepTranscoder(TimestepTranscoderConfig(d_out=d_model, **common))
+        if role == "sae":
+            return TimestepSAE(TimestepSAEConfig(**common))
+        raise ValueError(f"role must be 'transcoder' or 'sae', got {role!r}")
+
+    def save(self, module: torch.nn.Module, path: Path) -> None:
+        """Write ``module`` as a SAELens folder into ``path``."""
+        SAE.save_model(module, path)  # type: ignore[arg-type]
+
+    def load(self, path: Path, device: str) -> SAE[Any]:
+        """Read a SAELens folder (our architectures are registered by this module's import)."""
+        return SAE.load_from_disk(str(path), device=device)
+
+    def __repr__(self) -> str:
+        return "SAELENS_IO"
+
+
+#: the one :class:`SAELensDictionaryIO` (pass as ``io=`` to the trainer and the folder loaders)
+SAELENS_IO = SAELensDictionaryIO()

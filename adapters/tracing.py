@@ -3,7 +3,7 @@
 ::
 
     flux = FluxModel(pipe)                       # a pipeline object, a hub id or a local folder
-    flux.attach_transcoders(tcs)                 # {(layer, stream): TimestepTranscoder}
+    flux.attach_transcoders(tcs)                 # {Site(layer, stream): TimestepTranscoder}
     with flux.trace("a red circle on the left", seed=0) as tracer:
         for step in tracer.steps():              # bounded: every denoising step, then it ends
             t = flux.timestep.save()             # what the transformer receives, [B]
@@ -13,8 +13,9 @@
         image = tracer.result.save()
 
 Differences from nnsight's ``DiffusionModel`` (whose traps are documented in
-``../shared/design/nnsight_flux.md``): the default number of steps is the pipeline's real one
-(4 for schnell-style, 28 for dev-style), never a silent 1; ``tracer.steps()`` is a bounded loop,
+``../shared/design/nnsight_flux.md``): calls default to the pipeline's own size, T5 length and
+steps (its folder's ``difract_call_defaults.json``; else diffusers' defaults with 4 steps for
+schnell-style and 28 for dev-style), never a silent 1 step; ``tracer.steps()`` is a bounded loop,
 so code after it runs; a built pipeline object is accepted; transcoders survive lazy dispatch.
 
 Order of access inside one step follows execution: ``flux.timestep`` / transformer inputs, then
@@ -33,11 +34,12 @@ from nnsight import DiffusionModel
 from nnsight.intervention.tracer import InterleavingTracer
 from torch import nn
 
+from difract_ext.flux.defaults import resolve, set_call_defaults
+from difract_ext.flux.loading import find_call_defaults, load_pipeline
 from difract_ext.flux.sites import (
     STREAM_MODULES,
     Site,
     as_site,
-    default_num_inference_steps,
     transformer_calls_per_step,
 )
 from difract_ext.intervene.splice import SpliceMode, TranscoderSite, check_dictionary_fits, spliced
@@ -58,7 +60,13 @@ class PipelineRoot(nn.Module):
         if seed is not None and kwargs.get("generator") is None:
             prompt = kwargs.get("prompt", args[0] if args else None)
             embeds = kwargs.get("prompt_embeds")
-            n = embeds.shape[0] if embeds is not None else len(prompt) if isinstance(prompt, (list, tuple)) else 1
+            n = (
+                embeds.shape[0]
+                if embeds is not None
+                else len(prompt)
+                if isinstance(prompt, (list, tuple))
+                else 1
+            )
             n *= kwargs.get("num_images_per_prompt", 1) or 1
             device = self.pipeline.device
             gens = [torch.Generator(device).manual_seed(seed + i) for i in range(n)]
@@ -112,8 +120,8 @@ class FluxModel(DiffusionModel):
         model: a ``FluxPipeline`` (or any ``DiffusionPipeline`` with a FLUX transformer), a hub
             id or a local ``save_pretrained`` folder.
         transcoders: optional dictionaries to attach (see :meth:`attach_transcoders`).
-        default_steps: steps when ``num_inference_steps`` is not given (default: 4 for
-            schnell-style, 28 for dev-style transformers).
+        default_steps: steps when ``num_inference_steps`` is not given (default: the
+            pipeline's own, see :func:`difract_ext.flux.defaults.resolve`).
         **kwargs: nnsight / ``from_pretrained`` arguments (``dispatch=True``, ``torch_dtype``...).
     """
 
@@ -130,7 +138,7 @@ class FluxModel(DiffusionModel):
         object.__setattr__(self, "_difract_sites", {})
         object.__setattr__(self, "_difract_default_steps", default_steps)
         if isinstance(model, DiffusionPipeline):
-            model = PipelineRoot(model)
+            model = PipelineRoot(load_pipeline(model))
         super().__init__(model, *args, **kwargs)
         if self.pipeline is not None:
             self.pipeline.set_progress_bar_config(disable=True)
@@ -147,13 +155,15 @@ class FluxModel(DiffusionModel):
         return module
 
     def _load(self, repo_id: str, *args: Any, automodel: Any = None, **kwargs: Any) -> nn.Module:
-        self.pipeline = self._pipeline_class(automodel).from_pretrained(
-            repo_id, revision=self.revision, **kwargs
-        )
+        cls = self._pipeline_class(automodel)
+        self.pipeline = load_pipeline(repo_id, pipeline_class=cls, revision=self.revision, **kwargs)
         return PipelineRoot(self.pipeline)
 
-    def _load_meta(self, repo_id: str, *args: Any, automodel: Any = None, **kwargs: Any) -> nn.Module:
+    def _load_meta(
+        self, repo_id: str, *args: Any, automodel: Any = None, **kwargs: Any
+    ) -> nn.Module:
         self.pipeline = self._meta_pipeline(repo_id, automodel)
+        set_call_defaults(self.pipeline, find_call_defaults(repo_id, revision=self.revision))
         return PipelineRoot(self.pipeline)
 
     def dispatch(self) -> None:
@@ -166,10 +176,16 @@ class FluxModel(DiffusionModel):
 
     # ---- running ------------------------------------------------------------------------------
     def trace(self, *inputs: Any, **kwargs: Any) -> Any:
-        """Trace a whole denoising run; ``num_inference_steps`` defaults to the pipeline's own.
+        """Trace a whole denoising run at the pipeline's own call defaults.
 
-        Other keywords go to ``FluxPipeline.__call__`` (``height``, ``width``, ``guidance_scale``,
-        ``max_sequence_length``, ``output_type``...); ``seed=`` gives reproducible generators.
+        Keywords go to ``FluxPipeline.__call__`` (``height``, ``width``, ``num_inference_steps``,
+        ``guidance_scale``, ``max_sequence_length``, ``output_type``...); those not given come from
+        the pipeline's folder (``difract_call_defaults.json``), else diffusers' defaults with 4
+        steps for schnell-style and 28 for dev-style transformers. ``seed=`` gives reproducible
+        generators.
+
+        Warns:
+            TrainedRangeWarning: a size or T5 length outside the range the pipeline was trained at.
         """
         if kwargs.get("remote"):
             raise NotImplementedError(
@@ -177,15 +193,15 @@ class FluxModel(DiffusionModel):
                 "carry attached transcoders (they exist only in this process); for remote runs use "
                 "nnsight.DiffusionModel with a hub id the server hosts, without transcoders."
             )
-        if "num_inference_steps" not in kwargs:
-            steps = self._difract_default_steps
-            if steps is None:
-                if self.pipeline is None:
-                    raise RuntimeError("no pipeline loaded")
-                steps = default_num_inference_steps(self.pipeline)
-            kwargs["num_inference_steps"] = steps
+        if self.pipeline is None:
+            raise RuntimeError("no pipeline loaded")
+        if kwargs.get("num_inference_steps") is None and self._difract_default_steps is not None:
+            kwargs["num_inference_steps"] = self._difract_default_steps
+        kwargs = resolve(self.pipeline, **kwargs)
         if int(kwargs["num_inference_steps"]) < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {kwargs['num_inference_steps']}")
+            raise ValueError(
+                f"num_inference_steps must be >= 1, got {kwargs['num_inference_steps']}"
+            )
         kwargs.setdefault("tracer_cls", FluxTracer)
         return super().trace(*inputs, **kwargs)
 
@@ -215,7 +231,7 @@ class FluxModel(DiffusionModel):
         mode: SpliceMode = "delta",
         keep_error: bool = False,
     ) -> None:
-        """Attach dictionaries, one per ``(layer, stream)``.
+        """Attach dictionaries, one per :class:`~difract_ext.flux.sites.Site`.
 
         Args:
             transcoders: ``{Site: transcoder}`` (as every loader returns; ``"img_3"`` and
@@ -229,8 +245,13 @@ class FluxModel(DiffusionModel):
             SiteError: an unknown stream, a layer the model lacks, a single-stream block, or a
                 dictionary whose width does not match the model.
         """
-        items = transcoders.items() if isinstance(transcoders, Mapping) else (
-            (Site(int(d.cfg.metadata.layer), str(d.cfg.metadata.stream)), d) for d in transcoders
+        items = (
+            transcoders.items()
+            if isinstance(transcoders, Mapping)
+            else (
+                (Site(int(d.cfg.metadata.layer), str(d.cfg.metadata.stream)), d)
+                for d in transcoders
+            )
         )
         new: dict[Site, TranscoderSite] = {}
         for key, dictionary in items:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,13 +30,14 @@ import torch  # noqa: E402
 
 def setup(model: str, size: int, d_sae: int):
     from difract_ext import Site, TimestepTranscoder, TimestepTranscoderConfig
+    from difract_ext.flux.defaults import TrainedRangeWarning
     from difract_ext.replacement.inputs import capture_step_input
 
     if model == "shapes":
-        from difract_ext.toy import SHAPES_CALL_DEFAULTS, load_shapes_pipeline
+        from difract_ext.toy import load_shapes_pipeline
 
         pipe = load_shapes_pipeline()
-        call = {k: v for k, v in SHAPES_CALL_DEFAULTS.items() if k not in ("num_inference_steps", "height", "width")}
+        call = {}  # its own T5 length and steps; the size is the benchmark's
         try:
             from difract_ext import load_shapes_dictionaries
 
@@ -45,8 +47,13 @@ def setup(model: str, size: int, d_sae: int):
     else:
         from difract_ext.flux.tiny import TinyFluxConfig, build_tiny_flux_pipeline
 
-        cfg = TinyFluxConfig(num_layers=4, num_single_layers=2, num_attention_heads=4, attention_head_dim=32,
-                             axes_dims_rope=(8, 12, 12))
+        cfg = TinyFluxConfig(
+            num_layers=4,
+            num_single_layers=2,
+            num_attention_heads=4,
+            attention_head_dim=32,
+            axes_dims_rope=(8, 12, 12),
+        )
         pipe = build_tiny_flux_pipeline(cfg, seed=0)
         call, dics = {"max_sequence_length": 16}, None
     if dics is None:
@@ -55,12 +62,24 @@ def setup(model: str, size: int, d_sae: int):
         dics = {}
         for layer in range(len(pipe.transformer.transformer_blocks)):
             for stream in ("img", "txt"):
-                tc = TimestepTranscoder(TimestepTranscoderConfig(d_in=width, d_sae=d_sae, d_out=width, d_t_embed=32))
+                tc = TimestepTranscoder(
+                    TimestepTranscoderConfig(d_in=width, d_sae=d_sae, d_out=width, d_t_embed=32)
+                )
                 with torch.no_grad():
                     tc.b_enc.normal_(-0.4, 0.2)  # sparse enough to be transcoder-like
                 dics[Site(layer, stream)] = tc
-    step = capture_step_input(pipe, "a red circle on the left and a blue square on the right", step=1,
-                              seed=0, num_inference_steps=4, height=size, width=size, **call)
+    with warnings.catch_warnings():  # cost is measured at sizes the shapes model was not trained at
+        warnings.simplefilter("ignore", TrainedRangeWarning)
+        step = capture_step_input(
+            pipe,
+            "a red circle on the left and a blue square on the right",
+            step=1,
+            seed=0,
+            num_inference_steps=4,
+            height=size,
+            width=size,
+            **call,
+        )
     return pipe, step, dics
 
 
@@ -71,7 +90,11 @@ def targets_for(model_obj):
     c_out = model_obj.frozen.flux.proj_out.weight.shape[0]
     rows, cols = model_obj.step.grid
     left = [(r, c) for r in range(rows) for c in range(cols // 2)]
-    return [output_target(model_obj.frozen, left, torch.randn(c_out, generator=g), kind="x0", label="x0 left")]
+    return [
+        output_target(
+            model_obj.frozen, left, torch.randn(c_out, generator=g), kind="x0", label="x0 left"
+        )
+    ]
 
 
 def run_batched(args: argparse.Namespace, out: Path) -> dict:
@@ -79,19 +102,45 @@ def run_batched(args: argparse.Namespace, out: Path) -> dict:
 
     pipe, step, dics = setup(args.model, args.size, args.d_sae)
     # warm-up (allocator, thread pool, lazy imports), not timed
-    attribute_step(pipe.transformer, step, dics, targets_for, max_feature_nodes=args.backward_batch,
-                   batch_size=args.batch, backward_batch=args.backward_batch)
+    attribute_step(
+        pipe.transformer,
+        step,
+        dics,
+        targets_for,
+        max_feature_nodes=args.backward_batch,
+        batch_size=args.batch,
+        backward_batch=args.backward_batch,
+    )
     t0 = time.perf_counter()
-    res = attribute_step(pipe.transformer, step, dics, targets_for, max_feature_nodes=args.nodes,
-                         batch_size=args.batch, backward_batch=args.backward_batch)
+    res = attribute_step(
+        pipe.transformer,
+        step,
+        dics,
+        targets_for,
+        max_feature_nodes=args.nodes,
+        batch_size=args.batch,
+        backward_batch=args.backward_batch,
+    )
     elapsed = time.perf_counter() - t0
     g = res.graph
     n_feat = len(g.selected_features)
     feats = g.active_features[g.selected_features]
-    torch.save({"adjacency": g.adjacency_matrix, "features": feats, "n_feat": n_feat,
-                "n_residue": res.n_residue}, out)
-    return {"seconds": elapsed, "rows": n_feat - res.n_residue + 1, "n_active": res.components.n_active,
-            "positions": res.meta.n_pos, "layers": res.meta.n_layers}
+    torch.save(
+        {
+            "adjacency": g.adjacency_matrix,
+            "features": feats,
+            "n_feat": n_feat,
+            "n_residue": res.n_residue,
+        },
+        out,
+    )
+    return {
+        "seconds": elapsed,
+        "rows": n_feat - res.n_residue + 1,
+        "n_active": res.components.n_active,
+        "positions": res.meta.n_pos,
+        "layers": res.meta.n_layers,
+    }
 
 
 def run_reference(args: argparse.Namespace, out: Path, batched_file: Path) -> dict:
@@ -103,7 +152,9 @@ def run_reference(args: argparse.Namespace, out: Path, batched_file: Path) -> di
     # gradients with respect to activations only, as DifFRACT's torch.autograd.grad(inputs=...)
     pipe.transformer.requires_grad_(False)
     ref = torch.load(batched_file, weights_only=True)
-    warm = FluxReplacementModel(pipe.transformer, step, dics)  # warm-up as for the batched run, not timed
+    warm = FluxReplacementModel(
+        pipe.transformer, step, dics
+    )  # warm-up as for the batched run, not timed
     with torch.enable_grad():
         warm.frozen(batch=1).sum().backward()
     del warm
@@ -119,10 +170,15 @@ def run_reference(args: argparse.Namespace, out: Path, batched_file: Path) -> di
     def one_row(inject) -> torch.Tensor:
         cache: dict[str, torch.Tensor] = {}
         grads: dict[str, torch.Tensor] = {}
-        fwd = [(f"blocks.{l}.mlp.hook_in", lambda t, hook: cache.__setitem__(hook.name, t)) for l in range(n_layers)]
+        fwd = [
+            (f"blocks.{l}.mlp.hook_in", lambda t, hook: cache.__setitem__(hook.name, t))
+            for l in range(n_layers)
+        ]
         fwd.append(("unembed.hook_pre", lambda t, hook: cache.__setitem__(hook.name, t)))
-        bwd = [(f"blocks.{l}.mlp.hook_out", lambda g, hook: grads.__setitem__(hook.name, g.detach()))
-               for l in range(n_layers)]
+        bwd = [
+            (f"blocks.{l}.mlp.hook_out", lambda g, hook: grads.__setitem__(hook.name, g.detach()))
+            for l in range(n_layers)
+        ]
         bwd.append(("hook_embed", lambda g, hook: grads.__setitem__("hook_embed", g.detach())))
         with frozen.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
             frozen(batch=1)
@@ -133,18 +189,33 @@ def run_reference(args: argparse.Namespace, out: Path, batched_file: Path) -> di
             mask = c.decoder_locations[0] == l
             pos = c.decoder_locations[1][mask]
             row[torch.nonzero(mask, as_tuple=True)[0]] = (g[pos] * c.decoder_vecs[mask]).sum(-1)
-            row[c.n_active + l * n_pos : c.n_active + (l + 1) * n_pos] = (g * c.error_vectors[l]).sum(-1)
-        row[c.n_active + n_layers * n_pos :] = (grads["hook_embed"][0] * model.clean["embed"]).sum(-1)
+            row[c.n_active + l * n_pos : c.n_active + (l + 1) * n_pos] = (
+                g * c.error_vectors[l]
+            ).sum(-1)
+        row[c.n_active + n_layers * n_pos :] = (grads["hook_embed"][0] * model.clean["embed"]).sum(
+            -1
+        )
         return row
 
     rows = []
     target = model.targets[0]
-    rows.append(one_row(lambda cache: sum(
-        (cache["unembed.hook_pre"][0, pos] * v).sum() for layer, pos, v in target.injections)))
+    rows.append(
+        one_row(
+            lambda cache: sum(
+                (cache["unembed.hook_pre"][0, pos] * v).sum() for layer, pos, v in target.injections
+            )
+        )
+    )
     for i in wanted:
         layer, pos = int(feats[i, 0]), int(feats[i, 1])
         enc = c.encoder_vecs[i]
-        rows.append(one_row(lambda cache, l=layer, p=pos, e=enc: (cache[f"blocks.{l}.mlp.hook_in"][0, p] * e).sum()))
+        rows.append(
+            one_row(
+                lambda cache, l=layer, p=pos, e=enc: (
+                    cache[f"blocks.{l}.mlp.hook_in"][0, p] * e
+                ).sum()
+            )
+        )
     elapsed = time.perf_counter() - t0
     torch.save({"rows": torch.stack(rows), "wanted": torch.tensor(wanted)}, out)
     return {"seconds": elapsed, "rows": len(rows)}
@@ -171,14 +242,29 @@ def compare(batched_file: Path, ref_file: Path) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", choices=["shapes", "tiny"], default="shapes")
-    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="image sizes (grid = size / 4)")
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=[32, 64], help="image sizes (grid = size / 4)"
+    )
     p.add_argument("--nodes", type=int, default=300, help="feature rows expanded by both methods")
-    p.add_argument("--batch", type=int, default=128, help="circuit-tracer's batch (rows per compute_batch call)")
-    p.add_argument("--backward-batch", type=int, default=32,
-                   help="rows per backward pass; larger batches are layer-sorted into these (32 is fastest on CPU)")
-    p.add_argument("--d-sae", type=int, default=512, help="width of random transcoders if none are shipped")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=128,
+        help="circuit-tracer's batch (rows per compute_batch call)",
+    )
+    p.add_argument(
+        "--backward-batch",
+        type=int,
+        default=32,
+        help="rows per backward pass; larger batches are layer-sorted into these (32 is fastest on CPU)",
+    )
+    p.add_argument(
+        "--d-sae", type=int, default=512, help="width of random transcoders if none are shipped"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", choices=["batched", "reference"])
     p.add_argument("--size", type=int, default=32)
@@ -187,28 +273,70 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.worker:
         out, other = Path(args.io[0]), Path(args.io[1])
-        info = run_batched(args, out) if args.worker == "batched" else run_reference(args, out, other)
+        info = (
+            run_batched(args, out) if args.worker == "batched" else run_reference(args, out, other)
+        )
         info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(info))
         return
-    print(f"model={args.model} feature rows={args.nodes} batch={args.batch}/{args.backward_batch} threads={args.threads} torch={torch.__version__}")
-    print(f"{'size':>5} {'P':>5} {'L':>3} {'active':>7} {'rows':>5} {'batched s':>10} {'reference s':>12} "
-          f"{'speed-up':>9} {'RSS batched':>12} {'RSS ref':>8} {'max rel diff':>13}")
+    print(
+        f"model={args.model} feature rows={args.nodes} batch={args.batch}/{args.backward_batch} threads={args.threads} torch={torch.__version__}"
+    )
+    print(
+        f"{'size':>5} {'P':>5} {'L':>3} {'active':>7} {'rows':>5} {'batched s':>10} {'reference s':>12} "
+        f"{'speed-up':>9} {'RSS batched':>12} {'RSS ref':>8} {'max rel diff':>13}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             bf, rf = Path(tmp) / f"b{size}.pt", Path(tmp) / f"r{size}.pt"
-            common = [sys.executable, __file__, "--model", args.model, "--size", str(size), "--nodes", str(args.nodes),
-                      "--batch", str(args.batch), "--backward-batch", str(args.backward_batch), "--d-sae", str(args.d_sae), "--threads", str(args.threads)]
-            b = json.loads(subprocess.run(common + ["--worker", "batched", "--io", str(bf), str(rf)],
-                                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            r = json.loads(subprocess.run(common + ["--worker", "reference", "--io", str(rf), str(bf)],
-                                          check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            common = [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--size",
+                str(size),
+                "--nodes",
+                str(args.nodes),
+                "--batch",
+                str(args.batch),
+                "--backward-batch",
+                str(args.backward_batch),
+                "--d-sae",
+                str(args.d_sae),
+                "--threads",
+                str(args.threads),
+            ]
+            b = json.loads(
+                subprocess.run(
+                    common + ["--worker", "batched", "--io", str(bf), str(rf)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            r = json.loads(
+                subprocess.run(
+                    common + ["--worker", "reference", "--io", str(rf), str(bf)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             diff = compare(bf, rf)
             if diff > 1e-5:
-                raise SystemExit(f"size {size}: the two methods disagree (max relative diff {diff:.2e} > 1e-5)")
-            print(f"{size:>5} {b['positions']:>5} {b['layers']:>3} {b['n_active']:>7} {b['rows']:>5} "
-                  f"{b['seconds']:>10.2f} {r['seconds']:>12.2f} {r['seconds'] / b['seconds']:>8.1f}x "
-                  f"{b['peak_rss_mb']:>10.0f}MB {r['peak_rss_mb']:>6.0f}MB {diff:>13.2e}")
+                raise SystemExit(
+                    f"size {size}: the two methods disagree (max relative diff {diff:.2e} > 1e-5)"
+                )
+            print(
+                f"{size:>5} {b['positions']:>5} {b['layers']:>3} {b['n_active']:>7} {b['rows']:>5} "
+                f"{b['seconds']:>10.2f} {r['seconds']:>12.2f} {r['seconds'] / b['seconds']:>8.1f}x "
+                f"{b['peak_rss_mb']:>10.0f}MB {r['peak_rss_mb']:>6.0f}MB {diff:>13.2e}"
+            )
     print(flux_estimate())
 
 
@@ -230,10 +358,12 @@ def flux_estimate() -> str:
     per_node = rows * (fwd + row_bwd) + targets * (fwd + block_bwd * (n_double + n_single))
     batched = fwd + rows * row_bwd + targets * block_bwd * (n_double + n_single)
     rate = 400e12  # sustained bf16 FLOP/s on one H100-class GPU (assumption)
-    return (f"FLUX.1 estimate (512 px, {rows} feature rows + {targets} targets, {rate / 1e12:.0f} TFLOP/s "
-            f"sustained): per-node {per_node / rate / 60:.1f} min, batched {batched / rate:.0f} s of FLOPs "
-            f"({per_node / batched:.0f}x); the dense adjacency (every block a layer, as FrozenFlux lays it out) "
-            f"would be ~{(rows + (n_double + n_single + 1) * tokens) ** 2 * 4 / 1e9:.0f} GB fp32.")
+    return (
+        f"FLUX.1 estimate (512 px, {rows} feature rows + {targets} targets, {rate / 1e12:.0f} TFLOP/s "
+        f"sustained): per-node {per_node / rate / 60:.1f} min, batched {batched / rate:.0f} s of FLOPs "
+        f"({per_node / batched:.0f}x); the dense adjacency (every block a layer, as FrozenFlux lays it out) "
+        f"would be ~{(rows + (n_double + n_single + 1) * tokens) ** 2 * 4 / 1e9:.0f} GB fp32."
+    )
 
 
 if __name__ == "__main__":

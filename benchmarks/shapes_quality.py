@@ -32,15 +32,26 @@ from difract_ext.toy.pipeline import generate_images, load_shapes_pipeline  # no
 from difract_ext.toy.world import split_prompts  # noqa: E402
 
 
-def _expand(prompts: list[str], seeds_per_prompt: int, max_prompts: int | None = None) -> tuple[list[str], list[int]]:
+def _expand(
+    prompts: list[str], seeds_per_prompt: int, max_prompts: int | None = None
+) -> tuple[list[str], list[int]]:
     """(prompt, seed) pairs: seeds 0..k-1 for each prompt (an optional fixed random subset of prompts)."""
     if max_prompts is not None and len(prompts) > max_prompts:
         pick = np.random.default_rng(0).choice(len(prompts), max_prompts, replace=False)
         prompts = [prompts[i] for i in sorted(pick)]
-    return [p for p in prompts for _ in range(seeds_per_prompt)], [s for _ in prompts for s in range(seeds_per_prompt)]
+    return [p for p in prompts for _ in range(seeds_per_prompt)], [
+        s for _ in prompts for s in range(seeds_per_prompt)
+    ]
 
 
-def evaluate(pipe, single: list[str], double: list[str], single_seeds: int, double_seeds: int, max_double: int | None = None) -> dict[str, float]:
+def evaluate(
+    pipe,
+    single: list[str],
+    double: list[str],
+    single_seeds: int,
+    double_seeds: int,
+    max_double: int | None = None,
+) -> dict[str, float]:
     """Generate images for one- and two-object prompts and aggregate the analyzer's scores."""
     p1, s1 = _expand(single, single_seeds)
     p2, s2 = _expand(double, double_seeds, max_double)
@@ -63,11 +74,19 @@ def _fmt(name: str, rep: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--path", type=Path, default=None, help="pipeline folder (default: shipped)")
-    ap.add_argument("--single-seeds", type=int, default=20, help="seeds per held-out single-object prompt")
-    ap.add_argument("--double-seeds", type=int, default=2, help="seeds per held-out two-object prompt")
-    ap.add_argument("--train", action="store_true", help="also evaluate (a sample of) train prompts")
+    ap.add_argument(
+        "--single-seeds", type=int, default=20, help="seeds per held-out single-object prompt"
+    )
+    ap.add_argument(
+        "--double-seeds", type=int, default=2, help="seeds per held-out two-object prompt"
+    )
+    ap.add_argument(
+        "--train", action="store_true", help="also evaluate (a sample of) train prompts"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -83,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         results["train"] = evaluate(pipe, tr1, tr2, 4, 1, max_double=200)
         print(_fmt("train prompts", results["train"]))
     print(f"({time.time() - t0:.0f} s)")
-    print("JSON " + json.dumps({g: {k: round(v, 4) for k, v in r.items()} for g, r in results.items()}))
+    print(
+        "JSON "
+        + json.dumps({g: {k: round(v, 4) for k, v in r.items()} for g, r in results.items()})
+    )
     return 0
 
 

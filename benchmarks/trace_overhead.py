@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from difract_ext import TimestepTranscoder, TimestepTranscoderConfig  # noqa: E402
+from difract_ext import Site, TimestepTranscoder, TimestepTranscoderConfig  # noqa: E402
 from difract_ext.adapters.tracing import FluxModel  # noqa: E402
 from difract_ext.flux.tiny import TinyFluxConfig, build_tiny_flux_pipeline  # noqa: E402
 
@@ -28,18 +28,28 @@ def build(model: str):
     if model == "shapes":
         from difract_ext.toy import SHAPES_CALL_DEFAULTS, load_shapes_pipeline
 
+        # FluxModel.trace fills the pipeline's own defaults; the plain-diffusers baseline needs them
         kw = dict(SHAPES_CALL_DEFAULTS)
         kw.pop("num_inference_steps", None)
         return load_shapes_pipeline(), kw
     if model == "small":
-        cfg = TinyFluxConfig(num_layers=4, num_single_layers=8, num_attention_heads=4,
-                             attention_head_dim=64, axes_dims_rope=(16, 24, 24))
-        return build_tiny_flux_pipeline(cfg, seed=0), dict(height=64, width=64, max_sequence_length=16)
+        cfg = TinyFluxConfig(
+            num_layers=4,
+            num_single_layers=8,
+            num_attention_heads=4,
+            attention_head_dim=64,
+            axes_dims_rope=(16, 24, 24),
+        )
+        return build_tiny_flux_pipeline(cfg, seed=0), dict(
+            height=64, width=64, max_sequence_length=16
+        )
     return build_tiny_flux_pipeline(seed=0), dict(height=32, width=32, max_sequence_length=16)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=["shapes", "small", "tiny"], default="small")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--steps", type=int, default=4)
@@ -57,7 +67,7 @@ def main() -> None:
     tcs = {}
     for layer in range(n_layers):
         for stream in ("img", "txt"):
-            tcs[(layer, stream)] = TimestepTranscoder(
+            tcs[Site(layer, stream)] = TimestepTranscoder(
                 TimestepTranscoderConfig(d_in=width, d_sae=8 * width, d_out=width, d_t_embed=64)
             )
     flux_tc.attach_transcoders(tcs)
@@ -100,14 +110,18 @@ def main() -> None:
                 fn()
                 times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["plain diffusers call"])
-    print(f"model={args.model} width={width} double_blocks={n_layers} steps={args.steps} "
-          f"reps={args.reps} threads={args.threads} torch={torch.__version__}")
+    print(
+        f"model={args.model} width={width} double_blocks={n_layers} steps={args.steps} "
+        f"reps={args.reps} threads={args.threads} torch={torch.__version__}"
+    )
     print(f"{'variant':58s} {'median ms':>10s} {'ratio':>7s}")
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"{name:58s} {1000 * med:10.2f} {med / base:7.3f}x")
     ratio = statistics.median(times["flux.trace, empty"]) / base
-    print(f"goal: empty trace <= 1.15x plain -> {'met' if ratio <= 1.15 else 'NOT met'} ({ratio:.3f}x)")
+    print(
+        f"goal: empty trace <= 1.15x plain -> {'met' if ratio <= 1.15 else 'NOT met'} ({ratio:.3f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
+from difract_ext.adapters.dictionaries import SAELENS_IO
 from difract_ext.capture.synthetic import linear_plus_sparse, write_harvest
 from difract_ext.flux.sites import Site
 from difract_ext.training import DictionarySpec, TrainConfig, build_dictionary, train_dictionaries
@@ -40,7 +41,9 @@ class ReferenceTranscoder(nn.Module):
     def __init__(self, d_model: int, d_sae: int, d_t: int):
         super().__init__()
         self.d_t = d_t
-        self.time_mlp = nn.Sequential(nn.Linear(d_t, d_t), nn.SiLU(), nn.Linear(d_t, d_t), nn.SiLU())
+        self.time_mlp = nn.Sequential(
+            nn.Linear(d_t, d_t), nn.SiLU(), nn.Linear(d_t, d_t), nn.SiLU()
+        )
         self.mod_linear = nn.Linear(d_t, 2 * d_model)
         nn.init.zeros_(self.mod_linear.weight)
         nn.init.zeros_(self.mod_linear.bias)
@@ -90,11 +93,15 @@ def bench_reference(x, y, t, args) -> float:
 
 
 def bench_ours_step(x, y, t, args) -> float:
-    spec = DictionarySpec(Site(0, "img"), d_sae=args.d_sae, d_t_embed=args.d_t, l1_coefficient=3e-4, lr=2e-4)
-    d = build_dictionary(spec, args.d_model, seed=0, device=args.device)
+    spec = DictionarySpec(
+        Site(0, "img"), d_sae=args.d_sae, d_t_embed=args.d_t, l1_coefficient=3e-4, lr=2e-4
+    )
+    d = build_dictionary(spec, args.d_model, io=SAELENS_IO, seed=0, device=args.device)
     obj = Objective(d, "transcoder")
     opt = torch.optim.AdamW(d.parameters(), lr=2e-4, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1, s / args.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1, s / args.steps)))
+    )
     since = torch.zeros(args.d_sae, dtype=torch.long)
     n = x.shape[0] // args.batch
     start = None
@@ -117,15 +124,28 @@ def bench_ours_step(x, y, t, args) -> float:
 
 def bench_ours_trainer(x, y, t, args) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_harvest(Path(tmp) / "data", {Site(0, "img"): (x.cpu(), y.cpu())}, {"img": t.cpu()},
-                             shard_rows=max(args.batch * 8, 1))
-        spec = DictionarySpec(Site(0, "img"), d_sae=args.d_sae, d_t_embed=args.d_t, l1_coefficient=3e-4, lr=2e-4)
+        root = write_harvest(
+            Path(tmp) / "data",
+            {Site(0, "img"): (x.cpu(), y.cpu())},
+            {"img": t.cpu()},
+            shard_rows=max(args.batch * 8, 1),
+        )
+        spec = DictionarySpec(
+            Site(0, "img"), d_sae=args.d_sae, d_t_embed=args.d_t, l1_coefficient=3e-4, lr=2e-4
+        )
         n_steps = x.shape[0] // args.batch
-        cfg = TrainConfig(batch_size=args.batch, epochs=max(1, math.ceil(args.steps / n_steps)), log_every=0,
-                          resample_every=0, checkpoint_every_seconds=1e9)
+        cfg = TrainConfig(
+            batch_size=args.batch,
+            epochs=max(1, math.ceil(args.steps / n_steps)),
+            log_every=0,
+            resample_every=0,
+            checkpoint_every_seconds=1e9,
+        )
         _sync(args.device)
         start = time.perf_counter()
-        res = train_dictionaries(root, [spec], Path(tmp) / "out", cfg, progress=False)
+        res = train_dictionaries(
+            root, [spec], Path(tmp) / "out", cfg, io=SAELENS_IO, progress=False
+        )
         _sync(args.device)
         return res.global_step * args.batch / (time.perf_counter() - start)
 
@@ -145,7 +165,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.d_sae = args.expansion * args.d_model
     n_rows = args.batch * 16
-    x, y, t = linear_plus_sparse(n_rows, args.d_model, n_latents=4 * args.d_model, threshold=1.5, seed=0)
+    x, y, t = linear_plus_sparse(
+        n_rows, args.d_model, n_latents=4 * args.d_model, threshold=1.5, seed=0
+    )
     x, y, t = x.to(args.device), y.to(args.device), t.to(args.device)
     results = {
         "reference DifFRACT loop": bench_reference(x, y, t, args),
@@ -153,8 +175,10 @@ def main() -> None:
         "ours: train_dictionaries (from shards)": bench_ours_trainer(x, y, t, args),
     }
     ref = results["reference DifFRACT loop"]
-    print(f"D={args.d_model} d_sae={args.d_sae} d_t={args.d_t} batch={args.batch} steps={args.steps} "
-          f"device={args.device} threads={torch.get_num_threads()}")
+    print(
+        f"D={args.d_model} d_sae={args.d_sae} d_t={args.d_t} batch={args.batch} steps={args.steps} "
+        f"device={args.device} threads={torch.get_num_threads()}"
+    )
     print(f"{'loop':42s} {'rows/s':>12s} {'vs ref':>8s}")
     for name, rate in results.items():
         print(f"{name:42s} {rate:12,.0f} {rate / ref:8.2f}x")

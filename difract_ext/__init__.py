@@ -14,8 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from difract_ext._registration import install_saelens_registration
-
-__version__ = "0.1.0"
+from difract_ext._version import __version__
 
 install_saelens_registration()
 
@@ -33,6 +32,7 @@ _LAZY: dict[str, str] = {
     "TimestepSAEConfig": "difract_ext.adapters.dictionaries",
     "TimestepTranscoder": "difract_ext.adapters.dictionaries",
     "TimestepTranscoderConfig": "difract_ext.adapters.dictionaries",
+    "SAELENS_IO": "difract_ext.adapters.dictionaries",
     "register_architectures": "difract_ext.adapters.dictionaries",
     "convert_difract_dir": "difract_ext.adapters.checkpoints",
     "load_difract_checkpoint": "difract_ext.adapters.checkpoints",
@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
         save_difract_checkpoint,
     )
     from difract_ext.adapters.dictionaries import (
+        SAELENS_IO,
         TimestepSAE,
         TimestepSAEConfig,
         TimestepTranscoder,
@@ -91,6 +92,7 @@ __all__ = [
     "FluxModel",
     "FluxTracer",
     "FoldedDictionary",
+    "SAELENS_IO",
     "SCHNELL_TIMESTEPS",
     "Site",
     "SiteError",

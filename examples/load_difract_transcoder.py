@@ -27,16 +27,18 @@ import difract_ext  # noqa: E402  (registers our SAELens architectures)
 def build_inputs(args: argparse.Namespace, workdir: Path) -> tuple[object, Path, dict, dict]:
     """Pipeline, checkpoint folder, call kwargs and load kwargs (tiny stand-ins if none given)."""
     if args.checkpoints and args.model:
-        from diffusers import FluxPipeline
+        from difract_ext.flux.loading import load_pipeline
 
-        pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
+        pipe = load_pipeline(args.model, dtype=torch.bfloat16)  # a folder or hub id
         return pipe, Path(args.checkpoints), dict(height=512, width=512, guidance_scale=0.0), {}
     from difract_ext.flux.tiny import build_tiny_flux_pipeline
 
     pipe = build_tiny_flux_pipeline(seed=0)
     d_model = pipe.transformer.inner_dim
     standin = difract_ext.TimestepTranscoder(
-        difract_ext.TimestepTranscoderConfig(d_in=d_model, d_sae=8 * d_model, d_out=d_model, d_t_embed=32)
+        difract_ext.TimestepTranscoderConfig(
+            d_in=d_model, d_sae=8 * d_model, d_out=d_model, d_t_embed=32
+        )
     )
     with torch.no_grad():  # a non-trivial time conditioning, as a trained file would have
         standin.mod_linear.weight.normal_(0, 0.05)
@@ -49,7 +51,9 @@ def build_inputs(args: argparse.Namespace, workdir: Path) -> tuple[object, Path,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoints", help="folder with transcoder_{img,txt}_{layer}.pt")
     parser.add_argument("--model", help="FLUX.1-schnell hub id or local folder")
     parser.add_argument("--layer", type=int, default=0)
@@ -62,9 +66,11 @@ def main() -> None:
 
         # 1. A DifFRACT file becomes a SAELens Transcoder subclass (weights-only, memory-mapped).
         tcs = difract_ext.load_difract_dir(folder, layers=[args.layer], streams=("img",), **load_kw)
-        tc = tcs[("img", args.layer)]
-        print(f"loaded {type(tc).__name__} (a sae_lens Transcoder: {isinstance(tc, Transcoder)}): "
-              f"d_in={tc.cfg.d_in} d_sae={tc.cfg.d_sae} hook={tc.cfg.metadata.hook_name}")
+        tc = tcs[difract_ext.Site(args.layer, "img")]
+        print(
+            f"loaded {type(tc).__name__} (a sae_lens Transcoder: {isinstance(tc, Transcoder)}): "
+            f"d_in={tc.cfg.d_in} d_sae={tc.cfg.d_sae} hook={tc.cfg.metadata.hook_name}"
+        )
 
         # 2. Capture the image MLP's input and output, and the transformer's timestep, at each step.
         block = pipe.transformer.transformer_blocks[args.layer]
@@ -73,10 +79,17 @@ def main() -> None:
         h1 = pipe.transformer.register_forward_pre_hook(
             lambda mod, a, kw: state.__setitem__("t", float(kw["timestep"][0])), with_kwargs=True
         )
-        h2 = block.ff.register_forward_hook(lambda mod, a, out: seen.append((state["t"], a[0], out)))
+        h2 = block.ff.register_forward_hook(
+            lambda mod, a, out: seen.append((state["t"], a[0], out))
+        )
         try:
-            pipe(args.prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                 output_type="latent", **call)
+            pipe(
+                args.prompt,
+                num_inference_steps=4,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+                **call,
+            )
         finally:
             h1.remove()
             h2.remove()
@@ -87,14 +100,18 @@ def main() -> None:
             with torch.no_grad():
                 y_hat, z = tc.to(x.device).forward_with_activations(x, t=t)
             fvu = float(((y - y_hat) ** 2).sum() / ((y - y.mean(dim=(0, 1))) ** 2).sum())
-            print(f"t={t:.8g}  x {tuple(x.shape)}  mean L0 {float((z > 0).sum(-1).float().mean()):.1f}"
-                  f"  FVU {fvu:.3f}")
+            print(
+                f"t={t:.8g}  x {tuple(x.shape)}  mean L0 {float((z > 0).sum(-1).float().mean()):.1f}"
+                f"  FVU {fvu:.3f}"
+            )
 
         # 4. SAELens' own loader returns our class after a save (or after `difract convert`).
         tc.save_model(Path(tmp) / "saelens" / f"img_{args.layer}")
         again = SAE.load_from_disk(Path(tmp) / "saelens" / f"img_{args.layer}")
         with torch.no_grad():
-            same = torch.equal(again(seen[0][1].float(), t=seen[0][0]), tc(seen[0][1].float(), t=seen[0][0]))
+            same = torch.equal(
+                again(seen[0][1].float(), t=seen[0][0]), tc(seen[0][1].float(), t=seen[0][0])
+            )
         print(f"SAE.load_from_disk -> {type(again).__name__}, identical outputs: {same}")
 
 

@@ -28,17 +28,29 @@ from difract_ext.toy.train import TrainConfig, export_pipeline, train_shapes  # 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/shapes"), help="run folder")
     ap.add_argument("--resume", action="store_true", help="continue from the files in --out")
-    ap.add_argument("--export", type=Path, default=None, help="save_pretrained the trained pipeline here")
+    ap.add_argument(
+        "--export", type=Path, default=None, help="save_pretrained the trained pipeline here"
+    )
     ap.add_argument("--export-only", action="store_true", help="only export from --out")
-    ap.add_argument("--export-from", type=Path, default=None,
-                    help="checkpoint to export (default: --out/ckpt.pt; e.g. --out/snapshots/ema_002400.pt)")
+    ap.add_argument(
+        "--export-from",
+        type=Path,
+        default=None,
+        help="checkpoint to export (default: --out/ckpt.pt; e.g. --out/snapshots/ema_002400.pt)",
+    )
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         value = getattr(defaults, f.name)
-        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        kind = (
+            (lambda v: v.lower() in ("1", "true", "yes"))
+            if isinstance(value, bool)
+            else type(value)
+        )
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=value)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.export_only:
         if not args.resume and any(p.suffix not in (".log", ".txt") for p in args.out.iterdir()):
             ap.error(f"{args.out} is not empty; pass --resume to continue it")
-        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+        cfg = TrainConfig(
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+        )
         train_shapes(args.out, cfg)
     if args.export is not None:
         export_pipeline(args.out, args.export, args.export_from)

@@ -39,65 +39,129 @@ from pathlib import Path
 
 import torch
 
-from difract_ext.util.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
-from difract_ext.capture import HarvestConfig, HarvestReader, harvest, site_key
+from difract_ext.adapters.dictionaries import SAELENS_IO
+from difract_ext.capture import HarvestConfig, HarvestReader, harvest
+from difract_ext.cli.eval_job import run_evaluation
 from difract_ext.cli.sources import double_block_sites, load_pipeline, load_prompts
 from difract_ext.flux.sites import Site
-from difract_ext.training import DictionarySpec, TrainConfig, load_dictionaries, run_evaluation, train_dictionaries
+from difract_ext.training import DictionarySpec, TrainConfig, load_dictionaries, train_dictionaries
+from difract_ext.training.recipes import RECIPES
+from difract_ext.util.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger("train_shapes_dictionaries")
+R = RECIPES["shapes"]  # the shipping defaults (also `difract train --recipe shapes`)
 REPO = Path(__file__).resolve().parents[1]
 SHIP_DIR = REPO / "difract_ext" / "toy" / "dictionaries"
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--work", default=str(REPO / "runs" / "shapes-dictionaries"), help="working folder")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--work", default=str(REPO / "runs" / "shapes-dictionaries"), help="working folder"
+    )
     p.add_argument("--model", default="shapes", help="pipeline spec ('shapes' or 'shapes:FOLDER')")
     p.add_argument("--ship-dir", default=str(SHIP_DIR), help="where the shipped dictionaries go")
     p.add_argument("--no-ship", action="store_true", help="stop after the evaluation")
     p.add_argument("--no-splice", action="store_true", help="skip spliced generation")
     p.add_argument("--fresh", action="store_true", help="delete the working folder first")
-    p.add_argument("--retrain", action="store_true",
-                   help="keep the harvests but train and evaluate again (after changing a recipe option)")
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="keep the harvests but train and evaluate again (after changing a recipe option)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny run to check the script")
     p.add_argument("--seeds", type=int, default=6, help="train seeds per prompt (0..N-1)")
-    p.add_argument("--held-seeds", type=int, default=6,
-                   help="held-out seeds per prompt (1000..); 'dead' = never active on the held-out harvest, "
-                        "so too few rows count rare features as dead (2 seeds: ~1 in 30 of img_1's features)")
+    p.add_argument(
+        "--held-seeds",
+        type=int,
+        default=6,
+        help="held-out seeds per prompt (1000..); 'dead' = never active on the held-out harvest, "
+        "so too few rows count rare features as dead (2 seeds: ~1 in 30 of img_1's features)",
+    )
     p.add_argument("--img-subsample", type=int, default=4, help="keep 1/N image tokens per step")
-    p.add_argument("--expansion-img", type=float, default=2.0, help="d_sae / d_model, image stream")
-    p.add_argument("--expansion-txt", type=float, default=0.75,
-                   help="d_sae / d_model, text stream (few distinct token contexts: wider dies)")
-    p.add_argument("--expansion-site", nargs="*", default=[], metavar="SITE=X",
-                   help="shipping width overrides per site (d_sae / d_model)")
-    p.add_argument("--d-t-embed", type=int, default=64, help="timestep embedding width (small files)")
-    p.add_argument("--l1-img", type=float, default=1e-3, help="shipping L1 (image stream)")
-    p.add_argument("--l1-txt", type=float, default=1.2e-3, help="shipping L1 (text stream)")
-    p.add_argument("--l1-sae", type=float, default=1e-2,
-                   help="shipping L1 of the SAE baselines (an SAE reconstructs its own input, so the same "
-                        "sparsity needs a stronger penalty than a transcoder's)")
-    p.add_argument("--l1-site", nargs="*", default=["img_0=3e-3", "txt_0=2e-4"], metavar="SITE=L1",
-                   help="shipping L1 overrides per site (img_0's MLP is the most linear: at the stream's L1 "
-                        "its transcoder is dense; txt_0's features die late in training, the fewer the lower "
-                        "its L1: dead on held-out prompts 0-7 %% at 4e-4, 1-4 %% at 2e-4 over 5-6 seeds, "
-                        "EV and L0 nearly unchanged; see BENCHMARKS.md)")
-    p.add_argument("--sweep-l1", type=float, nargs="+", default=[3e-4, 3e-3, 1e-2, 3e-2],
-                   help="extra L1 levels on the sweep sites (the shipping level is added)")
-    p.add_argument("--sweep-k", type=int, nargs="+", default=[8, 16, 32], help="TopK levels on the sweep sites")
-    p.add_argument("--sweep-sites", nargs="+", default=["img_1", "txt_1"],
-                   help="sites with a transcoder-vs-SAE sweep")
-    p.add_argument("--sae-layers", type=int, nargs="+", default=[1, 2], help="layers with shipped SAEs")
-    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
-    p.add_argument("--batch-size", type=int, default=2048, help="rows per step")
-    p.add_argument("--epochs", type=int, default=6, help="passes over the train harvest")
-    p.add_argument("--resample-min-rate", type=float, default=2e-4,
-                   help="also resample features firing on fewer than this fraction of rows between checks "
-                        "(rare features are the ones never active on held-out prompts)")
-    p.add_argument("--resample-until", type=float, default=0.8,
-                   help="no resampling after this fraction of training")
-    p.add_argument("--splice-prompts", type=int, default=64, help="held-out prompts for spliced generation")
+    p.add_argument(
+        "--expansion-img",
+        type=float,
+        default=R.expansion["img"],
+        help="d_sae / d_model, image stream",
+    )
+    p.add_argument(
+        "--expansion-txt",
+        type=float,
+        default=R.expansion["txt"],
+        help="d_sae / d_model, text stream (few distinct token contexts: wider dies)",
+    )
+    p.add_argument(
+        "--expansion-site",
+        nargs="*",
+        default=[],
+        metavar="SITE=X",
+        help="shipping width overrides per site (d_sae / d_model)",
+    )
+    p.add_argument(
+        "--d-t-embed", type=int, default=R.d_t_embed, help="timestep embedding width (small files)"
+    )
+    p.add_argument("--l1-img", type=float, default=R.l1["img"], help="shipping L1 (image stream)")
+    p.add_argument("--l1-txt", type=float, default=R.l1["txt"], help="shipping L1 (text stream)")
+    p.add_argument(
+        "--l1-sae",
+        type=float,
+        default=R.l1_sae["img"],
+        help="shipping L1 of the SAE baselines (an SAE reconstructs its own input, so the same "
+        "sparsity needs a stronger penalty than a transcoder's)",
+    )
+    p.add_argument(
+        "--l1-site",
+        nargs="*",
+        default=[f"{k}={v:g}" for k, v in R.l1_site.items()],
+        metavar="SITE=L1",
+        help="shipping L1 overrides per site (img_0's MLP is the most linear: at the stream's L1 "
+        "its transcoder is dense; txt_0's features die late in training, the fewer the lower "
+        "its L1: dead on held-out prompts 0-7 %% at 4e-4, 1-4 %% at 2e-4 over 5-6 seeds, "
+        "EV and L0 nearly unchanged; see BENCHMARKS.md)",
+    )
+    p.add_argument(
+        "--sweep-l1",
+        type=float,
+        nargs="+",
+        default=[3e-4, 3e-3, 1e-2, 3e-2],
+        help="extra L1 levels on the sweep sites (the shipping level is added)",
+    )
+    p.add_argument(
+        "--sweep-k", type=int, nargs="+", default=[8, 16, 32], help="TopK levels on the sweep sites"
+    )
+    p.add_argument(
+        "--sweep-sites",
+        nargs="+",
+        default=["img_1", "txt_1"],
+        help="sites with a transcoder-vs-SAE sweep",
+    )
+    p.add_argument(
+        "--sae-layers", type=int, nargs="+", default=[1, 2], help="layers with shipped SAEs"
+    )
+    p.add_argument("--lr", type=float, default=R.lr, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=R.train["batch_size"], help="rows per step")
+    p.add_argument(
+        "--epochs", type=int, default=R.train["epochs"], help="passes over the train harvest"
+    )
+    p.add_argument(
+        "--resample-min-rate",
+        type=float,
+        default=R.train["resample_min_rate"],
+        help="also resample features firing on fewer than this fraction of rows between checks "
+        "(rare features are the ones never active on held-out prompts)",
+    )
+    p.add_argument(
+        "--resample-until",
+        type=float,
+        default=R.train["resample_until"],
+        help="no resampling after this fraction of training",
+    )
+    p.add_argument(
+        "--splice-prompts", type=int, default=64, help="held-out prompts for spliced generation"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
     args.l1_site = parse_site_levels(args.l1_site, p, "--l1-site")
@@ -105,7 +169,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def parse_site_levels(items: list[str], parser: argparse.ArgumentParser, option: str) -> dict[str, float]:
+def parse_site_levels(
+    items: list[str], parser: argparse.ArgumentParser, option: str
+) -> dict[str, float]:
     """``["img_0=3e-3", ...]`` -> ``{"img_0": 0.003, ...}`` (errors through ``parser``)."""
     out = {}
     for item in items:
@@ -113,10 +179,7 @@ def parse_site_levels(items: list[str], parser: argparse.ArgumentParser, option:
         try:
             if not sep:
                 raise ValueError(item)
-            stream, layer = key.split("_")
-            if stream not in ("img", "txt") or not layer.isdigit():
-                raise ValueError(item)
-            out[key] = float(value)
+            out[str(Site.parse(key))] = float(value)
         except ValueError:
             parser.error(f"{option} expects SITE=VALUE with SITE like img_0 or txt_3, got {item!r}")
     return out
@@ -128,8 +191,15 @@ def stage_harvest(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     train_prompts, held_prompts = load_prompts("shapes:train"), load_prompts("shapes:held_out")
     if args.quick:
         train_prompts, held_prompts = train_prompts[::20], held_prompts[::10]
-    common = dict(sites=sites, shard_rows=65536, text_padding="drop", dtype="bfloat16",
-                  call_kwargs=loaded.call_kwargs, model_name=loaded.model_name, text_subsample=1)
+    common = dict(
+        sites=sites,
+        shard_rows=65536,
+        text_padding="drop",
+        dtype="bfloat16",
+        call_kwargs=loaded.call_kwargs,
+        model_name=loaded.model_name,
+        text_subsample=1,
+    )
     out = []
     # held-out: every image token (more rows make "never active" = dead a fairer count)
     # held-out batch 8: the shipped evaluation's harvest was made so (batching is part of a harvest's identity)
@@ -140,37 +210,57 @@ def stage_harvest(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
         t0 = time.time()
         cfg = HarvestConfig(seeds=list(seeds), subsample=sub, batch_size=batch, **common)
         res = harvest(loaded.pipe, prompts, work / name, cfg, resume=True)
-        logger.info("%s: %d prompts x %d seeds -> rows %s in %.0f s", name, len(prompts), len(seeds),
-                    res.rows, time.time() - t0)
+        logger.info(
+            "%s: %d prompts x %d seeds -> rows %s in %.0f s",
+            name,
+            len(prompts),
+            len(seeds),
+            res.rows,
+            time.time() - t0,
+        )
         out.append(work / name)
     return out[0], out[1]
 
 
-def ship_specs(args: argparse.Namespace, sites: list[Site]) -> tuple[list[DictionarySpec], list[DictionarySpec]]:
+def ship_specs(
+    args: argparse.Namespace, sites: list[Site]
+) -> tuple[list[DictionarySpec], list[DictionarySpec]]:
     """(shipping specs, all specs including the sweep)."""
     lam = {"img": args.l1_img, "txt": args.l1_txt}
     width = {"img": args.expansion_img, "txt": args.expansion_txt}
 
     def common(site: Site) -> dict:
-        factor = args.expansion_site.get(site_key(site), width[site.stream])
+        factor = args.expansion_site.get(str(site), width[site.stream])
         return dict(expansion_factor=factor, d_t_embed=args.d_t_embed, lr=args.lr)
 
     def ship_l1(site: Site) -> float:
-        return args.l1_site.get(site_key(site), lam[site.stream])
+        return args.l1_site.get(str(site), lam[site.stream])
 
-    unknown = sorted((set(args.l1_site) | set(args.expansion_site)) - {site_key(s) for s in sites})
+    unknown = sorted((set(args.l1_site) | set(args.expansion_site)) - {str(s) for s in sites})
     if unknown:
-        raise SystemExit(f"--l1-site / --expansion-site name sites that were not harvested: {unknown}")
-    ship = [DictionarySpec(s, "transcoder", "relu", l1_coefficient=ship_l1(s), **common(s)) for s in sites]
-    ship += [DictionarySpec(s, "sae", "relu", l1_coefficient=args.l1_sae, **common(s))
-             for s in sites if s.layer in args.sae_layers]
+        raise SystemExit(
+            f"--l1-site / --expansion-site name sites that were not harvested: {unknown}"
+        )
+    ship = [
+        DictionarySpec(s, "transcoder", "relu", l1_coefficient=ship_l1(s), **common(s))
+        for s in sites
+    ]
+    ship += [
+        DictionarySpec(s, "sae", "relu", l1_coefficient=args.l1_sae, **common(s))
+        for s in sites
+        if s.layer in args.sae_layers
+    ]
     names = {s.resolved_name for s in ship}
     sweep = []
     for key in args.sweep_sites:
-        site = next(s for s in sites if site_key(s) == key)
+        site = next(s for s in sites if str(s) == key)
         for role in ("transcoder", "sae"):
-            for level in sorted(set(args.sweep_l1) | {ship_l1(site) if role == "transcoder" else args.l1_sae}):
-                sweep.append(DictionarySpec(site, role, "relu", l1_coefficient=level, **common(site)))
+            for level in sorted(
+                set(args.sweep_l1) | {ship_l1(site) if role == "transcoder" else args.l1_sae}
+            ):
+                sweep.append(
+                    DictionarySpec(site, role, "relu", l1_coefficient=level, **common(site))
+                )
             for k in args.sweep_k:
                 sweep.append(DictionarySpec(site, role, "topk", k=k, **common(site)))
     return ship, ship + [s for s in sweep if s.resolved_name not in names]
@@ -178,31 +268,50 @@ def ship_specs(args: argparse.Namespace, sites: list[Site]) -> tuple[list[Dictio
 
 def stage_ship(args: argparse.Namespace, work: Path, ship: list[DictionarySpec]) -> None:
     evals = {e["name"]: e for e in json.loads((work / "eval" / "eval.json").read_text())["evals"]}
-    splice = json.loads((work / "eval" / "splice.json").read_text()) if (work / "eval" / "splice.json").is_file() else []
+    splice = (
+        json.loads((work / "eval" / "splice.json").read_text())
+        if (work / "eval" / "splice.json").is_file()
+        else []
+    )
     index = []
     ship_dir = Path(args.ship_dir)
     with atomic_directory(ship_dir) as tmp:
         for spec in ship:
             src = work / "dicts" / spec.resolved_name
-            dst = tmp / f"{spec.role}s" / site_key(spec.site)
+            dst = tmp / f"{spec.role}s" / str(spec.site)
             dst.mkdir(parents=True)
             for f in ("cfg.json", "sae_weights.safetensors"):
                 shutil.copy2(src / f, dst / f)
             training = json.loads((src / "training.json").read_text())
-            training["data"]["root"] = "runs/shapes-dictionaries/harvest-train (shapes:train prompts)"
+            training["data"]["root"] = (
+                "runs/shapes-dictionaries/harvest-train (shapes:train prompts)"
+            )
             atomic_write_json(dst / "training.json", training)
             metrics = json.loads((src / "metrics.json").read_text())
             metrics["held_out"] = evals[spec.resolved_name]["groups"]
             atomic_write_json(dst / "metrics.json", metrics)
             m = metrics["held_out"]["all"]
-            index.append({"path": f"{spec.role}s/{site_key(spec.site)}", "site": site_key(spec.site),
-                          "role": spec.role, "variant": spec.variant, "d_sae": evals[spec.resolved_name]["d_sae"],
-                          "explained_variance": m["explained_variance"], "l0": m["l0"],
-                          "dead_fraction": m["dead_fraction"], "dense_fraction": m["dense_fraction"]})
-        atomic_write_json(tmp / "index.json", {"model": "difract-ext/shapes-flux", "dictionaries": index,
-                                               "splice": splice})
+            index.append(
+                {
+                    "path": f"{spec.role}s/{spec.site}",
+                    "site": str(spec.site),
+                    "role": spec.role,
+                    "variant": spec.variant,
+                    "d_sae": evals[spec.resolved_name]["d_sae"],
+                    "explained_variance": m["explained_variance"],
+                    "l0": m["l0"],
+                    "dead_fraction": m["dead_fraction"],
+                    "dense_fraction": m["dense_fraction"],
+                }
+            )
+        atomic_write_json(
+            tmp / "index.json",
+            {"model": "difract-ext/shapes-flux", "dictionaries": index, "splice": splice},
+        )
         shutil.copy2(work / "eval" / "sparsity_faithfulness.png", tmp / "sparsity_faithfulness.png")
-        report = (work / "eval" / "eval.md").read_text().replace(f"{REPO}/", "")  # repo-relative paths
+        report = (
+            (work / "eval" / "eval.md").read_text().replace(f"{REPO}/", "")
+        )  # repo-relative paths
         atomic_write_bytes(tmp / "EVAL.md", report.encode())
     size = sum(p.stat().st_size for p in ship_dir.rglob("*") if p.is_file())
     logger.info("shipped %d dictionaries to %s (%.1f MB)", len(ship), ship_dir, size / 2**20)
@@ -212,7 +321,9 @@ def stage_ship(args: argparse.Namespace, work: Path, ship: list[DictionarySpec])
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     if args.fresh and work.exists():
@@ -227,21 +338,34 @@ def main() -> None:
     sites = HarvestReader(train_dir).sites
     ship, specs = ship_specs(args, sites)
     logger.info("training %d dictionaries (%d shipped)", len(specs), len(ship))
-    cfg = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, lr_warmup_steps=50, lr_end_fraction=0.05,
-                      l1_warmup_steps=200, dead_window=100, resample_every=100, resample_until=args.resample_until,
-                      resample_min_rate=args.resample_min_rate, log_every=100, seed=0)
+    cfg = TrainConfig(
+        **{
+            **R.train,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "resample_until": args.resample_until,
+            "resample_min_rate": args.resample_min_rate,
+        },
+        log_every=100,
+        seed=0,
+    )
     t0 = time.time()
-    train_dictionaries(train_dir, specs, work / "dicts", cfg, resume=True)
+    train_dictionaries(train_dir, specs, work / "dicts", cfg, io=SAELENS_IO, resume=True)
     logger.info("training took %.0f s", time.time() - t0)
     from difract_ext.toy.analyzer import accuracy_report
 
     loaded = load_pipeline(args.model)
     held_prompts = HarvestReader(held_dir).prompts
     step = max(1, len(held_prompts) // args.splice_prompts)
-    dicts = load_dictionaries(work / "dicts")
+    dicts = load_dictionaries(work / "dicts", io=SAELENS_IO)
     run_evaluation(
-        dicts, held_dir, work / "eval", pipeline=None if args.no_splice else loaded.pipe, call_kwargs=loaded.call_kwargs,
-        splice_prompts=held_prompts[::step][: args.splice_prompts], splice_seeds=[2000],
+        dicts,
+        held_dir,
+        work / "eval",
+        pipeline=None if args.no_splice else loaded.pipe,
+        call_kwargs=loaded.call_kwargs,
+        splice_prompts=held_prompts[::step][: args.splice_prompts],
+        splice_seeds=[2000],
         splice_variant=[s.resolved_name for s in ship if s.role == "transcoder"],
         score_images=accuracy_report,
     )

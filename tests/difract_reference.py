@@ -32,7 +32,9 @@ class ReferenceTranscoder(nn.Module):
     def __init__(self, d_model: int, d_feat: int, d_t: int) -> None:
         super().__init__()
         self.d_t = d_t
-        self.time_mlp = nn.Sequential(nn.Linear(d_t, d_t), nn.SiLU(), nn.Linear(d_t, d_t), nn.SiLU())
+        self.time_mlp = nn.Sequential(
+            nn.Linear(d_t, d_t), nn.SiLU(), nn.Linear(d_t, d_t), nn.SiLU()
+        )
         self.mod_linear = nn.Linear(d_t, 2 * d_model)
         self.encoder = nn.Linear(d_model, d_feat)
         self.decoder = nn.Linear(d_feat, d_model)
@@ -60,7 +62,9 @@ class ReferenceTranscoder(nn.Module):
         return self.decoder(torch.relu(self.encoder(x * (1 + scale) + shift)))
 
 
-def make_standin_state_dict(d_model: int, d_feat: int, d_t: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_standin_state_dict(
+    d_model: int, d_feat: int, d_t: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random DifFRACT-layout weights with a non-trivial FiLM and unit-norm decoder columns."""
     g = torch.Generator().manual_seed(seed)
     ref = ReferenceTranscoder(d_model, d_feat, d_t)
@@ -71,7 +75,9 @@ def make_standin_state_dict(d_model: int, d_feat: int, d_t: int, seed: int = 0) 
     return {k: v.clone() for k, v in ref.state_dict().items()}
 
 
-def write_standin(path: Path, d_model: int = 24, d_feat: int = 96, d_t: int = 16, seed: int = 0) -> Path:
+def write_standin(
+    path: Path, d_model: int = 24, d_feat: int = 96, d_t: int = 16, seed: int = 0
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(make_standin_state_dict(d_model, d_feat, d_t, seed), path)
     return path
@@ -79,6 +85,8 @@ def write_standin(path: Path, d_model: int = 24, d_feat: int = 96, d_t: int = 16
 
 def reference_from_file(path: Path) -> ReferenceTranscoder:
     sd = torch.load(path, weights_only=True)
-    ref = ReferenceTranscoder(sd["decoder.bias"].shape[0], sd["encoder.bias"].shape[0], sd["time_mlp.0.bias"].shape[0])
+    ref = ReferenceTranscoder(
+        sd["decoder.bias"].shape[0], sd["encoder.bias"].shape[0], sd["time_mlp.0.bias"].shape[0]
+    )
     ref.load_state_dict(sd)
     return ref.eval()

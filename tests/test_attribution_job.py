@@ -30,9 +30,15 @@ def make_dics(width: int) -> dict[Site, TimestepTranscoder]:
     for layer in range(2):
         for stream in ("img", "txt"):
             site = Site(layer, stream)
-            tc = TimestepTranscoder(TimestepTranscoderConfig(
-                d_in=width, d_sae=24, d_out=width, d_t_embed=16,
-                metadata=dictionary_metadata(site, "transcoder", model_name="tiny")))
+            tc = TimestepTranscoder(
+                TimestepTranscoderConfig(
+                    d_in=width,
+                    d_sae=24,
+                    d_out=width,
+                    d_t_embed=16,
+                    metadata=dictionary_metadata(site, "transcoder", model_name="tiny"),
+                )
+            )
             with torch.no_grad():
                 tc.b_enc.normal_(-0.2, 0.3)
             out[site] = tc
@@ -44,19 +50,32 @@ def test_parse_targets() -> None:
     assert (t.kind, t.colour, t.region, t.weight) == ("x0", "red", "left", 1.0)
     t = parse_target("velocity:#ff8800@top=2.5")
     assert (t.kind, t.colour, t.region, t.weight) == ("velocity", "#ff8800", "top", 2.5)
-    t = parse_target("feature:1.img.123")
-    assert (t.kind, t.site, t.feature) == ("feature", Site(1, "img"), 123)
-    for bad in ["x0:red", "logit:red@left", "feature:1.vid.3", "x0:red@left=abc"]:
+    t = parse_target("feature:img_1:123")
+    assert (t.kind, t.site, t.feature, t.weight) == ("feature", Site(1, "img"), 123, 1.0)
+    t = parse_target("feature:txt_0:7@all=0.5")
+    assert (t.kind, t.site, t.feature, t.weight) == ("feature", Site(0, "txt"), 7, 0.5)
+    with pytest.raises(
+        ValueError,
+        match=r"old feature:LAYER.STREAM.INDEX form; write it as feature:img_1:123@all=2 ",
+    ):
+        parse_target("feature:1.img.123@all=2")
+    with pytest.raises(ValueError, match="unknown stream 'vid'"):
+        parse_target("feature:1.vid.3")
+    for bad in ["x0:red", "logit:red@left", "feature:vid_1:3", "feature:img_1", "x0:red@left=abc"]:
         with pytest.raises(ValueError):
             parse_target(bad)
 
 
 def test_regions_and_colour_directions(pipe) -> None:
     assert len(region_patches("left", (8, 8))) == 32 and (0, 3) in region_patches("left", (8, 8))
-    assert (7, 7) in region_patches("bottom", (8, 8)) and (0, 0) not in region_patches("bottom", (8, 8))
+    assert (7, 7) in region_patches("bottom", (8, 8)) and (0, 0) not in region_patches(
+        "bottom", (8, 8)
+    )
     with pytest.raises(ValueError, match="unknown region"):
         region_patches("middle", (8, 8))
-    dirs = colour_directions(pipe, {"red": (220, 30, 30), "blue": (40, 80, 240), "green": (30, 200, 50)})
+    dirs = colour_directions(
+        pipe, {"red": (220, 30, 30), "blue": (40, 80, 240), "green": (30, 200, 50)}
+    )
     assert set(dirs) == {"red", "blue", "green"}
     for v in dirs.values():
         assert v.shape == (16,) and float(v.norm()) == pytest.approx(1.0, abs=1e-5)
@@ -79,15 +98,25 @@ def test_load_dictionaries_both_layouts(pipe, tmp_path: Path) -> None:
         load_dictionary_dir(tmp_path / "saelens", role="sae")
     # two variants for one site: refused, both listed
     dics[Site(1, "txt")].save_model(tmp_path / "saelens" / "variant_b")
-    with pytest.raises(CheckpointError, match=r"several transcoders for one site \(txt_1: .*txt_1, .*variant_b"):
+    with pytest.raises(
+        CheckpointError, match=r"several transcoders for one site \(txt_1: .*txt_1, .*variant_b"
+    ):
         load_dictionary_dir(tmp_path / "saelens")
 
 
 def test_run_attribution_end_to_end(pipe, tmp_path: Path) -> None:
     dics = make_dics(pipe.transformer.inner_dim)
     report = run_attribution(
-        pipe, "a red circle on the left", step=1, targets=["x0:red@left", "x0:blue@right=0.5"],
-        dictionaries=dics, out_dir=tmp_path, seed=0, num_inference_steps=4, batch_size=64, **KW,
+        pipe,
+        "a red circle on the left",
+        step=1,
+        targets=["x0:red@left", "x0:blue@right=0.5"],
+        dictionaries=dics,
+        out_dir=tmp_path,
+        seed=0,
+        num_inference_steps=4,
+        batch_size=64,
+        **KW,
     )
     assert report["conservation"]["max_rel_error"] <= 1e-5
     assert 0 < report["replacement_score"] <= 1 and 0 < report["completeness_score"] <= 1

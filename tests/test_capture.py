@@ -12,7 +12,7 @@ import torch
 from difract_ext.capture import HarvestConfig, HarvestFormatError, HarvestReader, harvest
 from difract_ext.capture.format import read_all_shards
 from difract_ext.cli.sources import load_pipeline, parse_sites
-from difract_ext.flux.sites import Site
+from difract_ext.flux.sites import Site, SiteError
 
 PROMPTS = ["a red circle", "the cat on the left of a dog", "dog", "a big blue square at the top"]
 SITES = [Site(0, "img"), Site(0, "txt"), Site(1, "txt")]
@@ -29,8 +29,15 @@ def tiny() -> Any:
 
 
 def _cfg(tiny: Any, **kw: Any) -> HarvestConfig:
-    base = dict(sites=SITES, seeds=[0, 1], batch_size=3, shard_rows=200, dtype="float32",
-                call_kwargs=tiny.call_kwargs, model_name=tiny.model_name)
+    base = dict(
+        sites=SITES,
+        seeds=[0, 1],
+        batch_size=3,
+        shard_rows=200,
+        dtype="float32",
+        call_kwargs=tiny.call_kwargs,
+        model_name=tiny.model_name,
+    )
     return HarvestConfig(**{**base, **kw})
 
 
@@ -87,7 +94,7 @@ def test_padding_mask_and_keep_and_subsample(tiny: Any, tmp_path: Path) -> None:
     assert a["txt.t"].shape[0] == real
     assert all(torch.equal(a[k], b[k]) for k in a)
     # different (unit, step) pairs pick different positions
-    assert len({tuple(a["img.pos"][i:i + 4].tolist()) for i in range(0, 64, 4)}) > 1
+    assert len({tuple(a["img.pos"][i : i + 4].tolist()) for i in range(0, 64, 4)}) > 1
 
 
 class _Interrupting:
@@ -107,8 +114,11 @@ class _Interrupting:
 
 
 # (units per call, shard_rows, failing call, units committed before the failure):
-# one chunk per shard, or two chunks per shard (the chunk in the buffer is lost and redone).
-@pytest.mark.parametrize(("batch", "shard_rows", "fail_at", "committed"), [(3, 1, 3, 6), (2, 1000, 4, 4)])
+# one chunk per shard, or four chunks per shard (the three finished chunks in the buffer are
+# committed as a partial shard by the interrupt; the resumed run merges it into the full shard).
+@pytest.mark.parametrize(
+    ("batch", "shard_rows", "fail_at", "committed"), [(3, 1, 3, 6), (2, 1000, 4, 6)]
+)
 def test_resume_after_interruption_gives_identical_rows(
     tiny: Any, tmp_path: Path, batch: int, shard_rows: int, fail_at: int, committed: int
 ) -> None:
@@ -130,6 +140,13 @@ def test_resume_after_interruption_gives_identical_rows(
         assert torch.equal(full[k], cut[k]), k
     units = [u for s in read_all_shards(tmp_path / "cut") for u in s.units]
     assert len(units) == len(set(units)) == len(PROMPTS) * 2
+    names = [
+        s.file for s in read_all_shards(tmp_path / "cut")
+    ]  # the same files as without the interrupt
+    assert names == [s.file for s in read_all_shards(tmp_path / "full")]
+    assert sorted(p.name for p in (tmp_path / "cut" / "shards").iterdir()) == sorted(
+        n.split("/")[1] for n in names
+    )
 
 
 def test_resume_refuses_a_different_config(tiny: Any, tmp_path: Path) -> None:
@@ -137,7 +154,14 @@ def test_resume_refuses_a_different_config(tiny: Any, tmp_path: Path) -> None:
     with pytest.raises(HarvestFormatError, match="prompts"):
         harvest(tiny.pipe, PROMPTS, tmp_path / "h", _cfg(tiny), resume=True, progress=False)
     with pytest.raises(HarvestFormatError, match="subsample"):
-        harvest(tiny.pipe, PROMPTS[:2], tmp_path / "h", _cfg(tiny, subsample=2), resume=True, progress=False)
+        harvest(
+            tiny.pipe,
+            PROMPTS[:2],
+            tmp_path / "h",
+            _cfg(tiny, subsample=2),
+            resume=True,
+            progress=False,
+        )
 
 
 def test_config_validation_and_site_parsing(tiny: Any) -> None:
@@ -145,6 +169,24 @@ def test_config_validation_and_site_parsing(tiny: Any) -> None:
         _cfg(tiny, call_kwargs={"true_cfg_scale": 4.0, "negative_prompt": "x"})
     with pytest.raises(ValueError, match="text_padding"):
         _cfg(tiny, text_padding="zero")
-    assert parse_sites(["all"], tiny.pipe.transformer) == [Site(0, "img"), Site(0, "txt"), Site(1, "img"), Site(1, "txt")]
-    assert parse_sites(["1:img", "txt_0", "all:txt"], tiny.pipe.transformer) == [
-        Site(0, "txt"), Site(1, "img"), Site(1, "txt")]
+    assert parse_sites(["all"], tiny.pipe.transformer) == [
+        Site(0, "img"),
+        Site(0, "txt"),
+        Site(1, "img"),
+        Site(1, "txt"),
+    ]
+    assert parse_sites(["img_1", "txt_0", "all:txt"], tiny.pipe.transformer) == [
+        Site(0, "txt"),
+        Site(1, "img"),
+        Site(1, "txt"),
+    ]
+    assert parse_sites(["all:img,txt", "img_0"], tiny.pipe.transformer) == parse_sites(
+        ["all"], tiny.pipe.transformer
+    )
+    with pytest.raises(SiteError, match=r"'1:img': write it as img_1 \(STREAM_LAYER\)"):
+        parse_sites(["1:img"], tiny.pipe.transformer)
+    for bad in ["img3", "img_-1", "vid_0", "single_0", "all:vid"]:
+        with pytest.raises(SiteError):
+            parse_sites([bad], tiny.pipe.transformer)
+    with pytest.raises(ValueError, match="'all' needs a pipeline"):
+        parse_sites(["all"])

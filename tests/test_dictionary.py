@@ -9,15 +9,24 @@ import torch
 from difract_reference import reference_embedding
 
 from difract_ext import TimestepSAE, TimestepSAEConfig, TimestepTranscoder, TimestepTranscoderConfig
-from difract_ext.dictionary import ActivationSpec, DecoderNormError, TimestepEmbeddingSpec, TimestepError
+from difract_ext.dictionary import (
+    ActivationSpec,
+    DecoderNormError,
+    TimestepEmbeddingSpec,
+    TimestepError,
+)
 from difract_ext.dictionary.activations import activate
 
 ACTS = [("relu", None), ("topk", 5), ("jumprelu", None)]
 
 
-def make_tc(activation: str = "relu", k: int | None = None, d_in: int = 12, d_sae: int = 48) -> TimestepTranscoder:
+def make_tc(
+    activation: str = "relu", k: int | None = None, d_in: int = 12, d_sae: int = 48
+) -> TimestepTranscoder:
     tc = TimestepTranscoder(
-        TimestepTranscoderConfig(d_in=d_in, d_sae=d_sae, d_out=d_in, d_t_embed=16, activation=activation, k=k)
+        TimestepTranscoderConfig(
+            d_in=d_in, d_sae=d_sae, d_out=d_in, d_t_embed=16, activation=activation, k=k
+        )
     )
     with torch.no_grad():  # a non-trivial FiLM and biases, so conditioning matters
         tc.mod_linear.weight.normal_(0, 0.3)
@@ -55,7 +64,9 @@ def test_timestep_scale() -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kw", [{"dim": 7}, {"dim": 8, "downscale_freq_shift": 4}, {"timestep_scale": 0.0}])
+@pytest.mark.parametrize(
+    "kw", [{"dim": 7}, {"dim": 8, "downscale_freq_shift": 4}, {"timestep_scale": 0.0}]
+)
 def test_bad_embedding_specs(kw: dict) -> None:
     with pytest.raises(ValueError):
         TimestepEmbeddingSpec(**kw)
@@ -78,7 +89,9 @@ def test_activations_against_definitions() -> None:
     assert torch.equal(out, torch.where(pre > thr, pre, 0.0))
 
 
-@pytest.mark.parametrize("kw", [{"kind": "gelu"}, {"kind": "topk"}, {"kind": "topk", "k": 0}, {"kind": "relu", "k": 3}])
+@pytest.mark.parametrize(
+    "kw", [{"kind": "gelu"}, {"kind": "topk"}, {"kind": "topk", "k": 0}, {"kind": "relu", "k": 3}]
+)
 def test_bad_activation_specs(kw: dict) -> None:
     with pytest.raises(ValueError):
         ActivationSpec(**kw)
@@ -124,7 +137,10 @@ def test_per_row_and_per_batch_timesteps() -> None:
 
 def test_timestep_shape_errors() -> None:
     tc = make_tc()
-    with pytest.raises(TimestepError, match=r"timestep of shape \[4\] does not fit activations of shape \[3, 5, 12\]"):
+    with pytest.raises(
+        TimestepError,
+        match=r"timestep of shape \[4\] does not fit activations of shape \[3, 5, 12\]",
+    ):
         tc.encode(torch.randn(3, 5, 12), t=torch.ones(4))
     with pytest.raises(TimestepError, match="NaN"):
         tc.encode(torch.randn(2, 12), t=float("nan"))
@@ -194,7 +210,9 @@ def test_decoder_norm_check_and_normalize() -> None:
     tc.check_unit_norm_decoder()
     with torch.no_grad():
         tc.W_dec[7] *= 3
-    with pytest.raises(DecoderNormError, match="1 of 48 decoder rows are not unit-norm \\(feature 7 has norm 3"):
+    with pytest.raises(
+        DecoderNormError, match="1 of 48 decoder rows are not unit-norm \\(feature 7 has norm 3"
+    ):
         tc.check_unit_norm_decoder()
     tc.normalize_decoder_()
     tc.check_unit_norm_decoder(atol=1e-6)

@@ -22,6 +22,7 @@ from difract_ext import (
     load_difract_checkpoint,
     load_difract_dir,
 )
+from difract_ext.flux.sites import Site
 
 
 @pytest.fixture()
@@ -96,7 +97,11 @@ def test_metadata_and_convention(standin: Path) -> None:
     assert md.hook_name_out == "transformer_blocks.3.ff.output"
     assert md.model_name == "black-forest-labs/FLUX.1-schnell"
     assert tc.cfg.trained_timesteps == list(SCHNELL_TIMESTEPS)
-    assert (tc.cfg.d_t_embed, tc.cfg.t_embed_flip_sin_to_cos, tc.cfg.t_embed_downscale_freq_shift) == (16, False, 1.0)
+    assert (
+        tc.cfg.d_t_embed,
+        tc.cfg.t_embed_flip_sin_to_cos,
+        tc.cfg.t_embed_downscale_freq_shift,
+    ) == (16, False, 1.0)
 
 
 def _file_mapped_ranges(path: Path) -> list[tuple[int, int]]:
@@ -110,7 +115,9 @@ def _file_mapped_ranges(path: Path) -> list[tuple[int, int]]:
     return ranges
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see mappings")
+@pytest.mark.skipif(
+    not Path("/proc/self/maps").exists(), reason="needs Linux /proc to see mappings"
+)
 def test_loading_memory_maps_instead_of_copying(standin: Path) -> None:
     tc = load_difract_checkpoint(standin)
     ranges = _file_mapped_ranges(standin)
@@ -149,10 +156,22 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     [
         (lambda sd: sd.pop("mod_linear.bias"), r"missing key 'mod_linear\.bias'"),
         (lambda sd: sd.pop("decoder.bias"), r"missing key 'decoder\.bias'"),
-        (lambda sd: sd.__setitem__("extra.weight", torch.zeros(1)), r"unexpected key 'extra\.weight'"),
-        (lambda sd: sd.__setitem__("encoder.weight", torch.zeros(16, 9)), r"key 'encoder\.weight' has shape \[16, 9\], expected \[16, 8\]"),
-        (lambda sd: sd.__setitem__("decoder.weight", sd["decoder.weight"] * 1.5), r"key 'decoder\.weight' has non-unit columns"),
-        (lambda sd: sd.__setitem__("time_mlp.0.weight", torch.zeros(8, 8, dtype=torch.int64)), r"key 'time_mlp\.0\.weight' has dtype torch\.int64"),
+        (
+            lambda sd: sd.__setitem__("extra.weight", torch.zeros(1)),
+            r"unexpected key 'extra\.weight'",
+        ),
+        (
+            lambda sd: sd.__setitem__("encoder.weight", torch.zeros(16, 9)),
+            r"key 'encoder\.weight' has shape \[16, 9\], expected \[16, 8\]",
+        ),
+        (
+            lambda sd: sd.__setitem__("decoder.weight", sd["decoder.weight"] * 1.5),
+            r"key 'decoder\.weight' has non-unit columns",
+        ),
+        (
+            lambda sd: sd.__setitem__("time_mlp.0.weight", torch.zeros(8, 8, dtype=torch.int64)),
+            r"key 'time_mlp\.0\.weight' has dtype torch\.int64",
+        ),
     ],
 )
 def test_malformed_checkpoints_name_file_and_key(tmp_path: Path, mutate, pattern: str) -> None:
@@ -208,8 +227,12 @@ def test_missing_file(tmp_path: Path) -> None:
 @pytest.fixture()
 def release(tmp_path: Path) -> Path:
     folder = tmp_path / "temporal-aware-transcoders"
-    for i, (stream, layer) in enumerate([("img", 0), ("txt", 0), ("img", 1), ("txt", 1), ("img", 18)]):
-        write_standin(folder / f"transcoder_{stream}_{layer}.pt", d_model=12, d_feat=40, d_t=8, seed=i)
+    for i, (stream, layer) in enumerate(
+        [("img", 0), ("txt", 0), ("img", 1), ("txt", 1), ("img", 18)]
+    ):
+        write_standin(
+            folder / f"transcoder_{stream}_{layer}.pt", d_model=12, d_feat=40, d_t=8, seed=i
+        )
     write_standin(folder / "sae_img_6.pt", d_model=12, d_feat=40, d_t=8, seed=9)
     (folder / "README.md").write_text("not a checkpoint")
     return folder
@@ -217,18 +240,27 @@ def release(tmp_path: Path) -> Path:
 
 def test_load_dir(release: Path) -> None:
     all_tc = load_difract_dir(release)
-    assert sorted(all_tc) == [("img", 0), ("img", 1), ("img", 18), ("txt", 0), ("txt", 1)]
+    assert sorted(all_tc) == [
+        Site(0, "img"),
+        Site(0, "txt"),
+        Site(1, "img"),
+        Site(1, "txt"),
+        Site(18, "img"),
+    ]
     some = load_difract_dir(release, layers=[1], streams=("txt",))
-    assert list(some) == [("txt", 1)] and some[("txt", 1)].cfg.metadata.layer == 1
+    assert list(some) == [Site(1, "txt")] and some[Site(1, "txt")].cfg.metadata.layer == 1
     saes = load_difract_dir(release, prefix="sae")
-    assert list(saes) == [("img", 6)] and isinstance(saes[("img", 6)], TimestepSAE)
+    assert list(saes) == [Site(6, "img")] and isinstance(saes[Site(6, "img")], TimestepSAE)
 
 
 def test_load_dir_missing_layer(release: Path) -> None:
-    with pytest.raises(CheckpointError, match=r"missing layer 5 for stream 'img'.*layers present for 'img': \[0, 1, 18\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing layer 5 for stream 'img'.*layers present for 'img': \[0, 1, 18\]",
+    ):
         load_difract_dir(release, layers=[0, 5])
     got = load_difract_dir(release, layers=[0, 5], skip_missing=True)
-    assert sorted(got) == [("img", 0), ("txt", 0)]
+    assert sorted(got) == [Site(0, "img"), Site(0, "txt")]
     with pytest.raises(ValueError, match="unknown stream 'audio'"):
         load_difract_dir(release, streams=("audio",))
 
@@ -267,13 +299,17 @@ def test_convert_cli(release: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli-out"
     res = subprocess.run(
         [sys.executable, "-m", "difract_ext.cli", "convert", str(release), str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "manifest" in res.stdout
     _convert_and_check(release, out)
     bad = subprocess.run(
         [sys.executable, "-m", "difract_ext.cli", "convert", str(tmp_path / "nope"), str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode != 0 and "not a directory" in bad.stderr

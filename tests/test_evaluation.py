@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from difract_ext.cli.sources import load_pipeline
+from difract_ext.adapters.dictionaries import SAELENS_IO
 from difract_ext.capture.synthetic import synthetic_harvest
+from difract_ext.cli.eval_job import run_evaluation
+from difract_ext.cli.sources import load_pipeline
 from difract_ext.flux.sites import Site
+from difract_ext.intervene.generation import splice_transcoders, spliced_generation
 from difract_ext.training import (
     DictionarySpec,
     TrainConfig,
     evaluate_dictionaries,
-    run_evaluation,
-    splice_transcoders,
-    spliced_generation,
     train_dictionaries,
 )
 from difract_ext.training.plots import curve_points, plot_sparsity_faithfulness
@@ -31,9 +31,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_dictionary(role: str, activation: str, k: int | None = None) -> TrainedDictionary:
-    spec = DictionarySpec(IMG0, role, activation, k=k, d_sae=40, d_t_embed=16,
-                          l1_coefficient=1e-3 if activation == "relu" else None)
-    d = build_dictionary(spec, 12, seed=5)
+    spec = DictionarySpec(
+        IMG0,
+        role,
+        activation,
+        k=k,
+        d_sae=40,
+        d_t_embed=16,
+        l1_coefficient=1e-3 if activation == "relu" else None,
+    )
+    d = build_dictionary(spec, 12, seed=5, io=SAELENS_IO)
     with torch.no_grad():
         d.mod_linear.weight.normal_(0, 0.3)
         d.b_enc.normal_(0, 0.5)
@@ -47,11 +54,19 @@ def _numpy_metrics(y: np.ndarray, y_hat: np.ndarray, z: np.ndarray) -> dict[str,
     fvu = ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
     cos = (y * y_hat).sum(1) / (np.linalg.norm(y, axis=1) * np.linalg.norm(y_hat, axis=1))
     act = z > 0
-    return {"fvu": fvu, "explained_variance": 1 - fvu, "cosine": cos.mean(), "l0": act.sum(1).mean(),
-            "dead_fraction": (~act.any(0)).mean(), "dense_fraction": (act.mean(0) > 0.1).mean()}
+    return {
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "cosine": cos.mean(),
+        "l0": act.sum(1).mean(),
+        "dead_fraction": (~act.any(0)).mean(),
+        "dense_fraction": (act.mean(0) > 0.1).mean(),
+    }
 
 
-@pytest.mark.parametrize(("role", "activation", "k"), [("transcoder", "relu", None), ("sae", "topk", 5)])
+@pytest.mark.parametrize(
+    ("role", "activation", "k"), [("transcoder", "relu", None), ("sae", "topk", 5)]
+)
 def test_metrics_match_numpy(tmp_path: Path, role: str, activation: str, k: int | None) -> None:
     root = synthetic_harvest(tmp_path / "d", [IMG0], n_rows=1000, d_model=12, shard_rows=300)
     td = _random_dictionary(role, activation, k)
@@ -67,21 +82,34 @@ def test_metrics_match_numpy(tmp_path: Path, role: str, activation: str, k: int 
     groups.update({f"t={v:g}": t == v for v in (1.0, 0.75, 0.5, 0.25)})
     assert list(ev.groups) == ["all", "t=1", "t=0.75", "t=0.5", "t=0.25"]
     for g, mask in groups.items():
-        ref = _numpy_metrics(y[mask].double().numpy(), y_hat[mask].double().numpy(), z[mask].numpy())
+        ref = _numpy_metrics(
+            y[mask].double().numpy(), y_hat[mask].double().numpy(), z[mask].numpy()
+        )
         for key, value in ref.items():
             assert ev.groups[g][key] == pytest.approx(float(value), rel=1e-6, abs=1e-9), (g, key)
         assert ev.groups[g]["n_rows"] == int(mask.sum())
-    assert ev.groups["all"]["dead_fraction"] >= 6 / 40 and ev.groups["all"]["dense_fraction"] >= 3 / 40
+    assert (
+        ev.groups["all"]["dead_fraction"] >= 6 / 40 and ev.groups["all"]["dense_fraction"] >= 3 / 40
+    )
 
 
 def test_run_evaluation_rejects_training_prompts_and_writes_report(tmp_path: Path) -> None:
     kw = dict(sites=[IMG0], d_model=12, n_latents=16, threshold=1.0)
     train = synthetic_harvest(tmp_path / "train", n_rows=2048, **kw)
     held = synthetic_harvest(tmp_path / "held", n_rows=512, row_seed=7, **kw)
-    specs = [DictionarySpec(IMG0, role, "relu", l1_coefficient=lam, d_sae=24, d_t_embed=16, lr=1e-2)
-             for role in ("transcoder", "sae") for lam in (1e-4, 1e-2)]
-    train_dictionaries(train, specs, tmp_path / "dicts", TrainConfig(batch_size=256, epochs=2, log_every=0),
-                       progress=False)
+    specs = [
+        DictionarySpec(IMG0, role, "relu", l1_coefficient=lam, d_sae=24, d_t_embed=16, lr=1e-2)
+        for role in ("transcoder", "sae")
+        for lam in (1e-4, 1e-2)
+    ]
+    train_dictionaries(
+        train,
+        specs,
+        tmp_path / "dicts",
+        TrainConfig(batch_size=256, epochs=2, log_every=0),
+        progress=False,
+        io=SAELENS_IO,
+    )
     with pytest.raises(ValueError, match="training prompts"):
         run_evaluation(tmp_path / "dicts", train, tmp_path / "bad", progress=False)
     summary = run_evaluation(tmp_path / "dicts", held, tmp_path / "rep", progress=False)
@@ -134,9 +162,16 @@ def test_splice_replaces_the_mlp_and_restores_it() -> None:
     tcs = {}
     for site in (Site(0, "img"), Site(1, "txt")):
         spec = DictionarySpec(site, d_sae=64, d_t_embed=16)
-        tcs[site] = build_dictionary(spec, 32, seed=site.layer)
-    rows = spliced_generation(pipe, prompts, seeds, tcs, kw, progress=False,
-                              score_images=lambda ims, ps: {"n": float(len(ims))})
+        tcs[site] = build_dictionary(spec, 32, seed=site.layer, io=SAELENS_IO)
+    rows = spliced_generation(
+        pipe,
+        prompts,
+        seeds,
+        tcs,
+        kw,
+        progress=False,
+        score_images=lambda ims, ps: {"n": float(len(ims))},
+    )
     assert [r["spliced"] for r in rows] == ["none", "img_0", "txt_1", "all (2)"]
     assert rows[0]["latent_cosine"] == pytest.approx(1.0) and rows[0]["latent_mse"] == 0.0
     assert all(r["latent_mse"] > 0 and r["adherence/n"] == 2.0 for r in rows[1:])

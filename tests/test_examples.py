@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_example(name: str, *args: str) -> str:
     res = subprocess.run(
         [sys.executable, str(ROOT / "examples" / name), *args],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert res.returncode == 0, res.stderr[-4000:]
     return res.stdout

@@ -15,7 +15,7 @@ import pytest
 from circuit_tracer.frontend.graph_models import Metadata, Model
 from PIL import Image
 
-from difract_ext.util import atomic
+from difract_ext.attribution.graph_meta import RESIDUE_FEATURE
 from difract_ext.graphs.files import (
     ERROR_FEATURE_TYPE,
     FEATURE_TYPE,
@@ -26,9 +26,9 @@ from difract_ext.graphs.files import (
     upsert_graph_metadata,
     write_graph_files,
 )
-from difract_ext.attribution.graph_meta import RESIDUE_FEATURE
 from difract_ext.graphs.server import safe_resolve, serve
 from difract_ext.graphs.synthetic import synthetic_graph, synthetic_image
+from difract_ext.util import atomic
 
 SLUG = "synthetic-step2"
 DEAD = (3, 12)
@@ -123,7 +123,7 @@ def test_feature_and_target_labels(written):
             layer, feat, _ = (int(v) for v in n["node_id"].split("_"))
             stream = "img" if feat < meta.d_img[layer] else "txt"
             index = feat if stream == "img" else feat - meta.d_img[layer]
-            assert n["clerp"] == f"{stream} L{layer} #{index}"
+            assert n["clerp"] == f"{stream}_{layer} #{index}"
             assert n["activation"] is not None and n["influence"] is not None
     logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
     assert len(logits) == len(meta.target_labels)
@@ -176,7 +176,9 @@ def test_feature_files_hold_this_step_activations(written):
             if (l_, f_) == (layer, feature):
                 expected[p_] = v
         assert example["tokens_acts_list"] == pytest.approx(expected, abs=1e-6)
-        assert example["tokens_acts_list"][pos] == pytest.approx(float(node["activation"]), abs=1e-5)
+        assert example["tokens_acts_list"][pos] == pytest.approx(
+            float(node["activation"]), abs=1e-5
+        )
         assert doc["act_max"] == pytest.approx(max(expected), abs=1e-6)
         assert example["train_token_ind"] == int(np.argmax(expected))
     files = {p.stem for p in (out / "features" / scan).iterdir()}
@@ -286,9 +288,14 @@ def test_server_serves_frontend_and_data(server, written):
     assert status == 200 and json.loads(body)["metadata"]["slug"] == SLUG
     status, body = _raw_get(srv.port, f"/graph_data/{SLUG}.png")
     assert status == 200 and body.startswith(b"\x89PNG")
-    node = next(n for n in json.loads(_raw_get(srv.port, f"/graph_data/{SLUG}.json")[1])["nodes"]
-                if n["feature_type"] == FEATURE_TYPE)
-    status, body = _raw_get(srv.port, f"/features/{written[1]['metadata']['scan']}/{node['feature']}.json")
+    node = next(
+        n
+        for n in json.loads(_raw_get(srv.port, f"/graph_data/{SLUG}.json")[1])["nodes"]
+        if n["feature_type"] == FEATURE_TYPE
+    )
+    status, body = _raw_get(
+        srv.port, f"/features/{written[1]['metadata']['scan']}/{node['feature']}.json"
+    )
     assert status == 200 and json.loads(body)["examples_quantiles"]
     assert _raw_get(srv.port, "/data/")[0] == 404  # no listings
     assert _raw_get(srv.port, "/", host="evil.example")[0] == 403

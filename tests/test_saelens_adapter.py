@@ -50,13 +50,17 @@ def test_registration_idempotent_and_guarded(monkeypatch: pytest.MonkeyPatch) ->
     difract_ext.register_architectures()
     difract_ext.register_architectures()
     monkeypatch.setitem(SAE_CLASS_REGISTRY, "difract_timestep_sae", (StandardSAE, object))
-    with pytest.raises(RuntimeError, match="'difract_timestep_sae' is already registered to .*StandardSAE"):
+    with pytest.raises(
+        RuntimeError, match="'difract_timestep_sae' is already registered to .*StandardSAE"
+    ):
         dictionaries.register_architectures()
 
 
 @pytest.mark.parametrize(("activation", "k"), ACTS)
 @pytest.mark.parametrize("role", ["transcoder", "sae"])
-def test_round_trip_through_saelens(tmp_path: Path, role: str, activation: str, k: int | None) -> None:
+def test_round_trip_through_saelens(
+    tmp_path: Path, role: str, activation: str, k: int | None
+) -> None:
     m = build(role, activation, k)
     m.save_model(tmp_path / "d")
     cfg = json.loads((tmp_path / "d" / "cfg.json").read_text())
@@ -104,8 +108,8 @@ def test_fresh_process_load(tmp_path: Path) -> None:
 import torch, difract_ext
 from sae_lens import SAE
 torch.set_num_threads({torch.get_num_threads()})  # MKL's kernel choice depends on the thread count
-tc = SAE.load_from_disk(r"{tmp_path / 'tc'}")
-io = torch.load(r"{tmp_path / 'io.pt'}", weights_only=True)
+tc = SAE.load_from_disk(r"{tmp_path / "tc"}")
+io = torch.load(r"{tmp_path / "io.pt"}", weights_only=True)
 assert type(tc).__name__ == "TimestepTranscoder", type(tc)
 assert torch.equal(tc(io["x"], t=0.75390625), io["y"])
 print("OK")
@@ -114,8 +118,14 @@ print("OK")
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
     # ...and without importing difract_ext, SAELens cannot know the architecture
     res = subprocess.run(
-        [sys.executable, "-c", f"from sae_lens import SAE; SAE.load_from_disk(r'{tmp_path / 'tc'}')"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            f"from sae_lens import SAE; SAE.load_from_disk(r'{tmp_path / 'tc'}')",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode != 0 and "difract_timestep_transcoder" in res.stderr
 

@@ -15,7 +15,21 @@ import torch  # noqa: E402
 from difract_ext.flux.tiny import DEFAULT_WORDS, TinyFluxConfig, build_tiny_flux_pipeline  # noqa: E402
 from difract_ext.flux.tokenizers import build_clip_tokenizer, build_t5_tokenizer  # noqa: E402
 
-WORDS = ["a", "red", "green", "orange", "circle", "on", "the", "left", "and", "at", "top", "triangle", "right"]
+WORDS = [
+    "a",
+    "red",
+    "green",
+    "orange",
+    "circle",
+    "on",
+    "the",
+    "left",
+    "and",
+    "at",
+    "top",
+    "triangle",
+    "right",
+]
 CALL = dict(height=32, width=32, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=16)
 
 
@@ -72,7 +86,12 @@ def test_pipeline_runs_and_timesteps_are_schnell(pipe):
         lambda m, a, k: seen.append(float(k["timestep"][0])), with_kwargs=True
     )
     try:
-        out = pipe("a red circle on the left", generator=torch.Generator().manual_seed(0), output_type="np", **CALL)
+        out = pipe(
+            "a red circle on the left",
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **CALL,
+        )
     finally:
         h.remove()
     assert out.images.shape == (1, 32, 32, 3)
@@ -83,8 +102,12 @@ def test_pipeline_runs_and_timesteps_are_schnell(pipe):
 def test_t5_local_attention_gives_word_order():
     cfg = TinyFluxConfig(t5_heads=2, t5_local_offsets=(-1, 1))
     p = build_tiny_flux_pipeline(cfg)
-    e1, _, _ = p.encode_prompt("a red circle and a blue square", prompt_2=None, max_sequence_length=16)
-    e2, _, _ = p.encode_prompt("a blue circle and a red square", prompt_2=None, max_sequence_length=16)
+    e1, _, _ = p.encode_prompt(
+        "a red circle and a blue square", prompt_2=None, max_sequence_length=16
+    )
+    e2, _, _ = p.encode_prompt(
+        "a blue circle and a red square", prompt_2=None, max_sequence_length=16
+    )
     # Same bag of words, different order: the "circle" states (position 2) must differ.
     assert (e1[0, 2] - e2[0, 2]).abs().max() > 1e-2
 

@@ -35,13 +35,20 @@ def test_shipped_folder_is_small_safetensors():
 def test_components_and_schnell_timesteps(pipe):
     cfg = pipe.transformer.config
     assert (cfg.num_layers, cfg.num_single_layers, cfg.guidance_embeds) == (4, 2, False)
-    assert pipe.scheduler.config.use_dynamic_shifting is False and pipe.scheduler.config.shift == 1.0
+    assert (
+        pipe.scheduler.config.use_dynamic_shifting is False and pipe.scheduler.config.shift == 1.0
+    )
     seen: list[float] = []
     h = pipe.transformer.register_forward_pre_hook(
         lambda m, a, k: seen.append(float(k["timestep"][0])), with_kwargs=True
     )
     try:
-        out = pipe("a red circle on the left", generator=torch.Generator().manual_seed(0), output_type="np", **SHAPES_CALL_DEFAULTS)
+        out = pipe(
+            "a red circle on the left",
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **SHAPES_CALL_DEFAULTS,
+        )
     finally:
         h.remove()
     assert out.images.shape == (1, 32, 32, 3)
@@ -95,7 +102,12 @@ def test_two_object_prompts_bind_most_of_the_time_but_not_always(pipe):
 
 def test_prompt_controls_the_image(pipe):
     """Same seed, different prompts -> the analyzer sees each prompt's own object."""
-    prompts = ["a red circle on the left", "a green square on the right", "a yellow triangle at the top", "a purple square at the bottom"]
+    prompts = [
+        "a red circle on the left",
+        "a green square on the right",
+        "a yellow triangle at the top",
+        "a purple square at the bottom",
+    ]
     images = generate_images(pipe, prompts, [7] * len(prompts))
     assert sum(score(img, p).fully_correct for img, p in zip(images, prompts)) >= 3
 
@@ -112,18 +124,29 @@ def test_shipped_text_encoder_has_the_configured_local_attention(pipe):
     from difract_ext.toy.pipeline import SHAPES_T5_LOCAL_STRENGTH, shapes_config
 
     t5 = pipe.text_encoder_2
-    bias = t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight  # [buckets, heads]
+    bias = (
+        t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    )  # [buckets, heads]
     offsets = shapes_config().t5_local_offsets
     expected = torch.zeros_like(bias)
     for h, off in enumerate(offsets):
-        expected[_t5_bucket(off, t5.config.relative_attention_num_buckets, t5.config.relative_attention_max_distance), h] = SHAPES_T5_LOCAL_STRENGTH
+        expected[
+            _t5_bucket(
+                off,
+                t5.config.relative_attention_num_buckets,
+                t5.config.relative_attention_max_distance,
+            ),
+            h,
+        ] = SHAPES_T5_LOCAL_STRENGTH
     assert torch.equal(bias, expected)
 
 
 def test_training_schedule_has_one_warm_restart():
     from difract_ext.toy.train import TrainConfig, _lr_at
 
-    cfg = TrainConfig(steps=1000, warmup=100, lr=1e-3, restart_steps=400, restart_lr=2e-4, min_lr_ratio=0.05)
+    cfg = TrainConfig(
+        steps=1000, warmup=100, lr=1e-3, restart_steps=400, restart_lr=2e-4, min_lr_ratio=0.05
+    )
     assert _lr_at(cfg, 0) == pytest.approx(1e-5)
     assert _lr_at(cfg, 100) == pytest.approx(1e-3)
     assert _lr_at(cfg, 999) == pytest.approx(5e-5, rel=1e-3)

@@ -46,8 +46,11 @@ def test_palette_is_well_separated():
 
 @pytest.mark.parametrize(
     "args, bad",
-    [(("pink", "circle", "left"), "pink"), (("red", "hexagon", "left"), "hexagon"),
-     (("red", "circle", "middle"), "middle")],
+    [
+        (("pink", "circle", "left"), "pink"),
+        (("red", "hexagon", "left"), "hexagon"),
+        (("red", "circle", "middle"), "middle"),
+    ],
 )
 def test_shape_object_rejects_bad_values(args, bad):
     with pytest.raises(ValueError) as err:
@@ -112,8 +115,10 @@ def test_all_prompts_counts_and_round_trip():
         ("red circle on the left", "red circle on the left"),
         ("a red circle on the left and", "and"),
         ("a red circle on the left and a blue square at the top", "opposite"),
-        ("a red circle on the left and a blue square on the right and a red square at the top",
-         "3 phrases"),
+        (
+            "a red circle on the left and a blue square on the right and a red square at the top",
+            "3 phrases",
+        ),
     ],
 )
 def test_parse_prompt_errors_name_the_bad_part(prompt, part):

@@ -27,7 +27,9 @@ def width(pipe) -> int:
 
 def make_tc(width: int, layer: int, stream: str, seed: int) -> TimestepTranscoder:
     torch.manual_seed(seed)
-    tc = TimestepTranscoder(TimestepTranscoderConfig(d_in=width, d_sae=4 * width, d_out=width, d_t_embed=16))
+    tc = TimestepTranscoder(
+        TimestepTranscoderConfig(d_in=width, d_sae=4 * width, d_out=width, d_t_embed=16)
+    )
     with torch.no_grad():
         tc.mod_linear.weight.normal_(0, 0.2)
         tc.b_enc.normal_(0, 0.1)
@@ -37,7 +39,9 @@ def make_tc(width: int, layer: int, stream: str, seed: int) -> TimestepTranscode
 def plain(pipe, prompts, seed: int = 0, **extra):
     n = len(prompts) if isinstance(prompts, list) else 1
     gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    return pipe(prompts, num_inference_steps=4, generator=gens if n > 1 else gens[0], **KW, **extra).images
+    return pipe(
+        prompts, num_inference_steps=4, generator=gens if n > 1 else gens[0], **KW, **extra
+    ).images
 
 
 def count_calls(module: torch.nn.Module) -> tuple[list[int], object]:
@@ -52,7 +56,9 @@ def count_calls(module: torch.nn.Module) -> tuple[list[int], object]:
 def test_one_prompt_bit_identical_to_diffusers(pipe, width, with_transcoders: bool) -> None:
     flux = FluxModel(pipe)
     if with_transcoders:
-        flux.attach_transcoders({(0, "img"): make_tc(width, 0, "img", 1), (1, "txt"): make_tc(width, 1, "txt", 2)})
+        flux.attach_transcoders(
+            {(0, "img"): make_tc(width, 0, "img", 1), (1, "txt"): make_tc(width, 1, "txt", 2)}
+        )
     with flux.trace(PROMPTS[0], seed=0, **KW) as tracer:
         for _ in tracer.steps():
             if with_transcoders:
@@ -77,7 +83,9 @@ def test_two_invokes_bit_identical_and_rows_apart(pipe, width) -> None:
     assert torch.equal(out.images, plain(pipe, PROMPTS))
     # each invoke saw its own row, equal to that row of a hooked plain batched run
     seen: list[torch.Tensor] = []
-    h = pipe.transformer.transformer_blocks[1].ff.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    h = pipe.transformer.transformer_blocks[1].ff.register_forward_hook(
+        lambda m, i, o: seen.append(o.clone())
+    )
     plain(pipe, PROMPTS)
     h.remove()
     assert len(a) == len(b) == 4
@@ -96,7 +104,9 @@ def test_prompt_list_in_one_trace(pipe) -> None:
 # ---- edits ------------------------------------------------------------------------------------
 
 
-def hand_edit(pipe, tc: TimestepTranscoder, layer: int, step: int, feature: int, prompts, value: float = 0.0):
+def hand_edit(
+    pipe, tc: TimestepTranscoder, layer: int, step: int, feature: int, prompts, value: float = 0.0
+):
     """The same edit written as a plain PyTorch hook: y + (z' − z) · W_dec at one step."""
     state = {"t": None, "calls": 0}
 
@@ -184,8 +194,12 @@ def test_replace_mode(pipe, width) -> None:
         return tc(args[0], t=box["t"])
 
     box: dict = {}
-    h1 = pipe.transformer.register_forward_pre_hook(lambda m, a, k: box.__setitem__("t", k["timestep"]), with_kwargs=True)
-    h2 = pipe.transformer.transformer_blocks[0].ff_context.register_forward_hook(lambda m, a, y: tc(a[0], t=box["t"]))
+    h1 = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: box.__setitem__("t", k["timestep"]), with_kwargs=True
+    )
+    h2 = pipe.transformer.transformer_blocks[0].ff_context.register_forward_hook(
+        lambda m, a, y: tc(a[0], t=box["t"])
+    )
     try:
         with torch.no_grad():
             by_hand = plain(pipe, PROMPTS[0])
@@ -237,7 +251,9 @@ def test_default_steps_never_silently_one(pipe) -> None:
 
 def test_true_cfg_two_passes_per_step(pipe) -> None:
     flux = FluxModel(pipe)
-    with flux.trace(PROMPTS[0], seed=0, negative_prompt="a dog", true_cfg_scale=2.0, **KW) as tracer:
+    with flux.trace(
+        PROMPTS[0], seed=0, negative_prompt="a dog", true_cfg_scale=2.0, **KW
+    ) as tracer:
         ts = list().save()
         for _ in tracer.steps():
             ts.append(float(flux.timestep[0]))
@@ -248,7 +264,9 @@ def test_true_cfg_two_passes_per_step(pipe) -> None:
 
 def test_steps_out_of_range(pipe) -> None:
     flux = FluxModel(pipe)
-    with pytest.raises(ValueError, match=r"step\(s\) \[7\] out of range: this trace runs 4 denoising steps"):
+    with pytest.raises(
+        ValueError, match=r"step\(s\) \[7\] out of range: this trace runs 4 denoising steps"
+    ):
         with flux.trace(PROMPTS[0], seed=0, **KW) as tracer:
             for _ in tracer.steps(7):
                 flux.timestep.save()
@@ -262,7 +280,9 @@ def test_steps_out_of_range(pipe) -> None:
 def test_attach_errors(pipe, width) -> None:
     flux = FluxModel(pipe)
     tc = make_tc(width, 0, "img", 7)
-    with pytest.raises(SiteError, match="layer 5 does not exist: the model has 2 double-stream blocks"):
+    with pytest.raises(
+        SiteError, match="layer 5 does not exist: the model has 2 double-stream blocks"
+    ):
         flux.attach_transcoders({(5, "img"): tc})
     with pytest.raises(SiteError, match="unknown stream 'vid'"):
         flux.attach_transcoders({(0, "vid"): tc})

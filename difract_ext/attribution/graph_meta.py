@@ -17,8 +17,10 @@ targets (K)). ``GraphMeta`` adds what a diffusion graph needs to be read:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+from difract_ext.util.config import config_from_dict, config_to_dict
 
 #: Feature id of the unexplored-feature residue node at a (layer, position).
 RESIDUE_FEATURE = -2
@@ -49,7 +51,9 @@ class GraphMeta:
         self.grid = (int(self.grid[0]), int(self.grid[1]))
         self.d_img = {int(k): int(v) for k, v in self.d_img.items()}
         if len(self.text_tokens) != self.n_txt:
-            raise ValueError(f"text_tokens has {len(self.text_tokens)} labels for n_txt={self.n_txt}")
+            raise ValueError(
+                f"text_tokens has {len(self.text_tokens)} labels for n_txt={self.n_txt}"
+            )
         if not 0 <= self.n_double <= self.n_layers:
             raise ValueError(f"n_double={self.n_double} must be within 0..n_layers={self.n_layers}")
 
@@ -90,17 +94,18 @@ class GraphMeta:
 
     def stream_feature_index(self, layer: int, feature: int) -> int:
         """The feature's index inside its own stream's dictionary."""
-        return feature if self.feature_stream(layer, feature) == "img" else feature - self.d_img[layer]
+        return (
+            feature if self.feature_stream(layer, feature) == "img" else feature - self.d_img[layer]
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["grid"] = list(self.grid)
-        d["d_img"] = {str(k): v for k, v in self.d_img.items()}
-        return d
+        """JSON-able fields (``grid`` a list, ``d_img`` keys strings)."""
+        return config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GraphMeta:
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], source: str = "graph metadata") -> GraphMeta:
+        """Inverse of :meth:`to_dict` (types checked; ``source`` names the file in errors)."""
+        return config_from_dict(cls, d, source)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

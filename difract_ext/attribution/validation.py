@@ -38,7 +38,9 @@ class SourceLayout:
 
 def _layout(result: Any) -> SourceLayout:
     g = result.graph
-    return SourceLayout(len(g.selected_features), result.meta.n_layers, result.meta.n_pos, len(g.logit_targets))
+    return SourceLayout(
+        len(g.selected_features), result.meta.n_layers, result.meta.n_pos, len(g.logit_targets)
+    )
 
 
 def _feature_vectors(result: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +80,9 @@ def row_functionals(result: Any, mlp_in: torch.Tensor, resid: torch.Tensor) -> t
     return rows
 
 
-def _perturbed_sources(result: Any, columns: torch.Tensor, clean: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _perturbed_sources(
+    result: Any, columns: torch.Tensor, clean: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings ``[B, P, d]`` and MLP outputs ``[B, L, P, d]`` with one source removed per row."""
     lay = _layout(result)
     c = result.components
@@ -100,7 +104,9 @@ def _perturbed_sources(result: Any, columns: torch.Tensor, clean: dict[str, torc
 
 
 @torch.no_grad()
-def source_perturbations(result: Any, columns: torch.Tensor | None = None, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def source_perturbations(
+    result: Any, columns: torch.Tensor | None = None, batch: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Measured vs predicted change of every row when each source column is removed.
 
     Returns:
@@ -112,7 +118,9 @@ def source_perturbations(result: Any, columns: torch.Tensor | None = None, batch
     clean = model.clean
     base = row_functionals(result, clean["mlp_in"][None], clean["resid_final"][None])[0]
     adj = result.graph.adjacency_matrix
-    row_ids = torch.cat([torch.arange(lay.n_feat), torch.arange(adj.shape[0] - lay.n_targets, adj.shape[0])])
+    row_ids = torch.cat(
+        [torch.arange(lay.n_feat), torch.arange(adj.shape[0] - lay.n_targets, adj.shape[0])]
+    )
     measured = []
     for s in range(0, len(cols), batch):
         chunk = cols[s : s + batch]
@@ -140,7 +148,9 @@ def conservation(result: Any) -> dict[str, float]:
     full = row_functionals(result, clean["mlp_in"][None], clean["resid_final"][None])[0]
     const = row_functionals(result, empty["mlp_in"], empty["resid_final"])[0]
     adj = result.graph.adjacency_matrix
-    row_ids = torch.cat([torch.arange(lay.n_feat), torch.arange(adj.shape[0] - lay.n_targets, adj.shape[0])])
+    row_ids = torch.cat(
+        [torch.arange(lay.n_feat), torch.arange(adj.shape[0] - lay.n_targets, adj.shape[0])]
+    )
     rows = adj[row_ids].to(full.dtype)
     sums = rows.sum(-1)
     # the floating-point scale of the comparison: every term that was summed
@@ -209,9 +219,15 @@ def ablation_spearman(result: Any, top: int = 30, target: int = 0) -> dict[str, 
             layer, pos = divmod(j - lay.n_feat, lay.n_pos)
             vec = result.components.error_vectors[layer, pos]
         if layer >= n_double:  # the MLP columns enter through proj_out, before the gate
-            hook = tf.single_transformer_blocks[layer - n_double].proj_out.register_forward_hook(_ablate(pos, vec))
+            hook = tf.single_transformer_blocks[layer - n_double].proj_out.register_forward_hook(
+                _ablate(pos, vec)
+            )
         else:
-            module = tf.transformer_blocks[layer].ff_context if pos < n_txt else tf.transformer_blocks[layer].ff
+            module = (
+                tf.transformer_blocks[layer].ff_context
+                if pos < n_txt
+                else tf.transformer_blocks[layer].ff
+            )
             local = pos if pos < n_txt else pos - n_txt
             hook = module.register_forward_hook(_ablate(local, vec))
         try:

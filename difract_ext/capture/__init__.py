@@ -5,7 +5,7 @@
 - :mod:`difract_ext.cli.sources`: pipelines and prompt lists by name.
 """
 
-from difract_ext.capture.format import HarvestFormatError, HarvestReader, ShardInfo, parse_site_key, site_key
+from difract_ext.capture.format import HarvestFormatError, HarvestReader, ShardInfo
 from difract_ext.capture.harvest import TEXT_PADDING, HarvestConfig, HarvestResult, harvest
 
 __all__ = [
@@ -16,6 +16,4 @@ __all__ = [
     "HarvestResult",
     "ShardInfo",
     "harvest",
-    "parse_site_key",
-    "site_key",
 ]

@@ -6,6 +6,7 @@ Layout of a harvest folder::
     manifest.rank{R}.json        journal of process R: the shards it committed (see below)
     manifest.json                summary written when a harvest finishes (all shards, totals)
     shards/c{FIRST:06d}-{LAST:06d}.safetensors
+    shards/p{FIRST:06d}-{LAST:06d}.safetensors   partial shard (see below)
 
 A *chunk* is a fixed group of consecutive work units ``(prompt index, seed)`` run in one pipeline
 call; chunk membership depends only on the config, so a resumed harvest recomputes exactly the
@@ -13,6 +14,12 @@ same rows. A shard holds one or more whole chunks and is named by its first and 
 names never collide across processes or resumed runs. A shard file is written to a temporary name
 and renamed, *then* the journal of its process is rewritten atomically: a shard is part of the
 data only once a journal lists it, and an interrupted write leaves at most an unreferenced file.
+
+A *partial* shard (``p...``) commits the finished chunks of a shard that is not full yet (every
+``commit_seconds``, and on an interruption), so that an interrupted harvest keeps them. It is
+ordinary data for readers. The harvest that fills the shard (or its resumed run, which reads the
+partial shards back) replaces them by the full ``c...`` shard in one journal update, so the final
+layout does not depend on when commits happened.
 
 Tensors in a shard (``N_s`` rows of stream ``s``; all sites of one stream share row order):
 
@@ -34,9 +41,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +50,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from difract_ext.util.atomic import atomic_write_json
-from difract_ext.flux.sites import STREAMS, Site
+from difract_ext.flux.sites import STREAMS, Site, SiteError
+from difract_ext.util.atomic import atomic_write_json, atomic_write_with
+from difract_ext.util.config import ConfigError, config_from_dict, config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -63,35 +68,24 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-_KEY_RE = re.compile(r"^(img|txt)_(\d+)$")
 
 
 class HarvestFormatError(ValueError):
     """A harvest folder is missing, incomplete, or from an incompatible configuration."""
 
 
-def site_key(site: Site) -> str:
-    """``Site(3, "img") -> "img_3"`` (the name used in shards, checkpoints and folders)."""
-    return f"{site.stream}_{site.layer}"
-
-
-def parse_site_key(key: str) -> Site:
-    """Inverse of :func:`site_key`; also accepts ``"3:img"``."""
-    if ":" in key:
-        layer, stream = key.split(":", 1)
-        return Site(int(layer), stream)
-    m = _KEY_RE.match(key)
-    if not m:
-        raise HarvestFormatError(f"not a site key: {key!r} (expected e.g. 'img_3' or '3:img')")
-    return Site(int(m.group(2)), m.group(1))
-
-
 def journal_name(rank: int) -> str:
     return f"manifest.rank{rank}.json"
 
 
-def shard_name(first_chunk: int, last_chunk: int) -> str:
-    return f"{SHARD_DIR}/c{first_chunk:06d}-{last_chunk:06d}.safetensors"
+def shard_name(first_chunk: int, last_chunk: int, partial: bool = False) -> str:
+    prefix = "p" if partial else "c"
+    return f"{SHARD_DIR}/{prefix}{first_chunk:06d}-{last_chunk:06d}.safetensors"
+
+
+def is_partial(info: ShardInfo) -> bool:
+    """Whether a journal entry is a partial shard (to be merged into a full one)."""
+    return Path(info.file).name.startswith("p")
 
 
 @dataclass(frozen=True)
@@ -115,40 +109,29 @@ class ShardInfo:
     timesteps: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "file": self.file,
-            "chunks": list(self.chunks),
-            "units": [list(u) for u in self.units],
-            "rows": dict(self.rows),
-            "valid_rows": dict(self.valid_rows),
-            "timesteps": list(self.timesteps),
-        }
+        return config_to_dict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ShardInfo:
-        return cls(
-            file=str(d["file"]),
-            chunks=tuple(int(c) for c in d["chunks"]),
-            units=tuple((int(p), int(s)) for p, s in d["units"]),
-            rows={k: int(v) for k, v in d["rows"].items()},
-            valid_rows={k: int(v) for k, v in d.get("valid_rows", d["rows"]).items()},
-            timesteps=tuple(float(t) for t in d.get("timesteps", ())),
-        )
+    def from_json(cls, d: dict[str, Any], source: str = "journal") -> ShardInfo:
+        """Inverse of :meth:`to_json`; an entry without ``valid_rows`` uses ``rows``.
+
+        Raises:
+            HarvestFormatError: a malformed entry, naming ``source``.
+        """
+        try:
+            return config_from_dict(cls, {"valid_rows": d.get("rows"), **d}, source)
+        except ConfigError as e:
+            raise HarvestFormatError(str(e)) from e
 
 
-def write_shard(root: Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write ``tensors`` to ``root / name`` through a temporary file and a rename."""
-    path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+def write_shard(
+    root: Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Path:
+    """Write ``tensors`` to ``root / name`` atomically (a temporary file and a rename)."""
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    return atomic_write_with(
+        root / name, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata)
+    )
 
 
 def read_journal(root: Path, rank: int) -> list[ShardInfo]:
@@ -156,14 +139,18 @@ def read_journal(root: Path, rank: int) -> list[ShardInfo]:
     if not path.is_file():
         return []
     data = json.loads(path.read_text())
-    return [ShardInfo.from_json(s) for s in data["shards"]]
+    return [ShardInfo.from_json(s, f"{path}: shards[{i}]") for i, s in enumerate(data["shards"])]
 
 
 def write_journal(root: Path, rank: int, shards: Sequence[ShardInfo]) -> None:
     atomic_write_json(
         root / journal_name(rank),
-        {"format": FORMAT, "version": FORMAT_VERSION, "rank": rank,
-         "shards": [s.to_json() for s in shards]},
+        {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "rank": rank,
+            "shards": [s.to_json() for s in shards],
+        },
     )
 
 
@@ -175,7 +162,7 @@ def read_all_shards(root: Path) -> list[ShardInfo]:
     """
     shards: list[ShardInfo] = []
     for path in sorted(root.glob("manifest.rank*.json")):
-        rank = int(path.name[len("manifest.rank"):-len(".json")])
+        rank = int(path.name[len("manifest.rank") : -len(".json")])
         shards.extend(read_journal(root, rank))
     shards.sort(key=lambda s: s.chunks[0])
     seen: set[int] = set()
@@ -209,11 +196,15 @@ class HarvestReader:
         self.config: dict[str, Any] = json.loads(cfg_path.read_text())
         if self.config.get("format") != FORMAT:
             raise HarvestFormatError(f"{cfg_path} is not a {FORMAT} config")
+        try:
+            self._sites = [Site.parse(k) for k in self.config["sites"]]
+        except SiteError as e:
+            raise HarvestFormatError(f"{cfg_path}: {e}") from e
         self.shards: list[ShardInfo] = read_all_shards(self.root)
 
     @property
     def sites(self) -> list[Site]:
-        return [parse_site_key(k) for k in self.config["sites"]]
+        return list(self._sites)
 
     @property
     def streams(self) -> list[str]:
@@ -264,14 +255,14 @@ class HarvestReader:
         for site in sites:
             if site.stream != stream:
                 raise ValueError(f"{site} is not in stream {stream!r}")
-            keys += [f"{site_key(site)}.x", f"{site_key(site)}.y"]
+            keys += [f"{site}.x", f"{site}.y"]
         has_valid = self.config.get("text_padding") == "mask" and stream == "txt"
         if has_valid:
             keys.append(f"{stream}.valid")
         raw = self.load_shard(index, keys) if self.shards[index].rows.get(stream, 0) else {}
         if not raw:
             return {}
-        out = {k[len(stream) + 1:] if k.startswith(stream + ".") else k: v for k, v in raw.items()}
+        out = {k[len(stream) + 1 :] if k.startswith(stream + ".") else k: v for k, v in raw.items()}
         if has_valid and valid_only:
             keep = out.pop("valid")
             out = {k: v[keep] for k, v in out.items()}
@@ -284,12 +275,13 @@ class HarvestReader:
 
         Loads everything into memory: meant for small harvests, tests and evaluation.
         """
-        parts = [self.stream_rows(i, site.stream, [site], valid_only) for i in range(len(self.shards))]
+        parts = [
+            self.stream_rows(i, site.stream, [site], valid_only) for i in range(len(self.shards))
+        ]
         parts = [p for p in parts if p]
         if not parts:
-            raise HarvestFormatError(f"{self.root} holds no rows of {site_key(site)}")
-        key = site_key(site)
-        x = torch.cat([p[f"{key}.x"] for p in parts])
-        y = torch.cat([p[f"{key}.y"] for p in parts])
+            raise HarvestFormatError(f"{self.root} holds no rows of {site}")
+        x = torch.cat([p[f"{site}.x"] for p in parts])
+        y = torch.cat([p[f"{site}.y"] for p in parts])
         meta = {f: torch.cat([p[f] for p in parts]) for f in ROW_FIELDS}
         return x, y, meta

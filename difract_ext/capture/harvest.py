@@ -23,15 +23,16 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from difract_ext.util.atomic import atomic_write_json
 from difract_ext.capture.format import (
     CONFIG_FILE,
     DTYPES,
@@ -41,22 +42,36 @@ from difract_ext.capture.format import (
     SUMMARY_FILE,
     HarvestFormatError,
     ShardInfo,
+    is_partial,
     read_all_shards,
     read_journal,
     shard_name,
-    site_key,
     write_journal,
     write_shard,
 )
 from difract_ext.capture.processes import process_state
-from difract_ext.flux.sites import STREAMS, Site
+from difract_ext.flux.sites import STREAMS, Site, as_site
+from difract_ext.util.atomic import atomic_write_json
+from difract_ext.util.config import config_to_dict
+from difract_ext.util.seeds import HARVEST_BASIS, derive_seed
 
 logger = logging.getLogger(__name__)
 
 TEXT_PADDING = ("drop", "mask", "keep")
 # Fields whose change makes an existing harvest folder incompatible with a resumed run.
-_IDENTITY_FIELDS = ("sites", "prompts", "seeds", "batch_size", "text_padding", "subsample",
-                    "text_subsample", "sample_seed", "dtype", "call_kwargs", "d_model")
+_IDENTITY_FIELDS = (
+    "sites",
+    "prompts",
+    "seeds",
+    "batch_size",
+    "text_padding",
+    "subsample",
+    "text_subsample",
+    "sample_seed",
+    "dtype",
+    "call_kwargs",
+    "d_model",
+)
 
 
 @dataclass
@@ -68,6 +83,9 @@ class HarvestConfig:
         seeds: generation seeds; every prompt is generated once per seed.
         batch_size: work units per pipeline call (a *chunk*).
         shard_rows: a shard is written once a stream's buffer reaches this many rows.
+        commit_seconds: also commit the finished chunks at least this often (as a partial shard,
+            merged into the full one later), so that an interruption loses at most this much
+            work; 0 commits after every chunk. An interrupt (Ctrl-C) or an error commits them too.
         text_padding: T5 padding rows of the ``txt`` stream: ``"drop"`` them, ``"mask"`` (keep
             them with ``txt.valid = False``) or ``"keep"`` them unmarked.
         subsample: keep ``ceil(n / subsample)`` random token positions out of the ``n``
@@ -86,6 +104,7 @@ class HarvestConfig:
     seeds: Sequence[int] = (0,)
     batch_size: int = 8
     shard_rows: int = 1 << 16
+    commit_seconds: float = 60.0
     text_padding: str = "drop"
     subsample: int = 1
     text_subsample: int | None = None
@@ -95,23 +114,28 @@ class HarvestConfig:
     model_name: str = "unknown"
 
     def __post_init__(self) -> None:
-        self.sites = sorted({s if isinstance(s, Site) else Site(*s) for s in self.sites})
+        self.sites = sorted({as_site(s) for s in self.sites})
         if not self.sites:
             raise ValueError("HarvestConfig.sites is empty")
         if self.text_padding not in TEXT_PADDING:
-            raise ValueError(f"text_padding must be one of {TEXT_PADDING}, got {self.text_padding!r}")
+            raise ValueError(
+                f"text_padding must be one of {TEXT_PADDING}, got {self.text_padding!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.text_subsample is None:
             self.text_subsample = self.subsample
         if min(self.batch_size, self.shard_rows, self.subsample, self.text_subsample) < 1:
             raise ValueError("batch_size, shard_rows, subsample and text_subsample must be >= 1")
+        if not self.commit_seconds >= 0:
+            raise ValueError(f"commit_seconds must be >= 0, got {self.commit_seconds}")
         if not self.seeds:
             raise ValueError("HarvestConfig.seeds is empty")
         self.seeds = [int(s) for s in self.seeds]
-        if self.call_kwargs.get("negative_prompt") is not None or float(
-            self.call_kwargs.get("true_cfg_scale", 1.0)
-        ) > 1.0:
+        if (
+            self.call_kwargs.get("negative_prompt") is not None
+            or float(self.call_kwargs.get("true_cfg_scale", 1.0)) > 1.0
+        ):
             raise ValueError(
                 "true CFG runs the transformer twice per step (conditional and unconditional); "
                 "harvesting would mix both branches. Harvest without negative_prompt/true_cfg_scale."
@@ -139,13 +163,6 @@ class HarvestResult:
     @property
     def complete(self) -> bool:
         return self.units_done == self.units_total
-
-
-def _mix_seed(*parts: int) -> int:
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 61)
-    return h
 
 
 class _StepCapture:
@@ -180,7 +197,9 @@ class _StepCapture:
             h.remove()
         self.handles.clear()
 
-    def _select(self, stream: str, n_pos: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def _select(
+        self, stream: str, n_pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Rows to keep at this step: (batch idx [N], position idx [N], metadata [N] each)."""
         b_all, p_all, valid_all = [], [], []
         for b, (prompt, seed) in enumerate(self.units):
@@ -197,7 +216,14 @@ class _StepCapture:
             if every > 1 and len(pos):
                 n_keep = math.ceil(len(pos) / every)
                 gen = torch.Generator().manual_seed(
-                    _mix_seed(self.cfg.sample_seed, prompt, seed, self.step, STREAMS.index(stream))
+                    derive_seed(
+                        self.cfg.sample_seed,
+                        prompt,
+                        seed,
+                        self.step,
+                        STREAMS.index(stream),
+                        basis=HARVEST_BASIS,
+                    )
                 )
                 pos = pos[torch.randperm(len(pos), generator=gen)[:n_keep].sort().values]
             b_all.append(torch.full_like(pos, b))
@@ -220,7 +246,9 @@ class _StepCapture:
         text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
         if hidden is None or text is None or t is None:
-            raise RuntimeError("the transformer was called without hidden_states/encoder_hidden_states/timestep")
+            raise RuntimeError(
+                "the transformer was called without hidden_states/encoder_hidden_states/timestep"
+            )
         if hidden.shape[0] != len(self.units):
             raise RuntimeError(
                 f"transformer batch {hidden.shape[0]} != {len(self.units)} work units "
@@ -239,7 +267,7 @@ class _StepCapture:
         self.step += 1
 
     def _site_hook(self, site: Site) -> Any:
-        key = site_key(site)
+        key = str(site)
 
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
             b_idx, p_idx = self.sel[site.stream]
@@ -268,9 +296,9 @@ def _text_valid(pipe: Any, prompts: list[str], max_len: int) -> torch.Tensor:
 
 
 def _config_json(cfg: HarvestConfig, prompts: list[str], d_model: int) -> dict[str, Any]:
-    d = asdict(cfg)
-    d.pop("shard_rows")
-    d["sites"] = [site_key(s) for s in cfg.sites]
+    d = config_to_dict(cfg)
+    d.pop("shard_rows")  # how rows are cut into files: not part of the harvest's identity
+    d.pop("commit_seconds")
     d.update(format=FORMAT, version=FORMAT_VERSION, prompts=list(prompts), d_model=d_model)
     return d
 
@@ -293,6 +321,109 @@ def _clean_orphans(root: Path, shards: list[ShardInfo]) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+
+class _ShardBuffer:
+    """Rows of finished chunks not yet in a full shard, and the commits that save them.
+
+    Every name (``"img.t"``, ``"img_0.x"``, ...) holds one tensor per chunk (or per partial shard
+    read back), in chunk order. ``commit()`` writes them all as one full shard and drops the
+    partial shards it replaces; ``commit(partial=True)`` writes only the chunks not yet saved.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        rank: int,
+        cfg: HarvestConfig,
+        journal: list[ShardInfo],
+        units: list[tuple[int, int]],
+    ) -> None:
+        self.root, self.rank, self.cfg, self.journal, self.units = root, rank, cfg, journal, units
+        self.parts: dict[str, dict[str, list[torch.Tensor]]] = {s: {} for s in cfg.streams}
+        self.chunks: list[int] = []
+        self.entries = 0  # tensors per name
+        # this rank's partial shards (always the last journal entries) are read back, so that the
+        # next full shard is the one an uninterrupted run writes
+        self.partials = [s for s in journal if is_partial(s)]
+        for info in self.partials:
+            rows = load_file(str(root / info.file))
+            self.add_rows(
+                info.chunks,
+                {s: {k: v for k, v in rows.items() if _stream_of(k) == s} for s in cfg.streams},
+            )
+        self.saved_entries, self.saved_chunks = self.entries, len(self.chunks)
+
+    def add(self, chunk: int, rows: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.add_rows((chunk,), rows)
+
+    def add_rows(self, chunks: Sequence[int], rows: dict[str, dict[str, torch.Tensor]]) -> None:
+        for stream, d in rows.items():
+            for name, value in d.items():
+                self.parts[stream].setdefault(name, []).append(value)
+        self.chunks.extend(chunks)
+        self.entries += 1
+
+    def rows(self) -> int:
+        """Rows of the fullest stream."""
+        return max(
+            (sum(len(v) for v in d.get(f"{s}.t", [])) for s, d in self.parts.items()), default=0
+        )
+
+    def commit(self, partial: bool = False) -> None:
+        first = self.saved_chunks if partial else 0
+        chunks = self.chunks[first:]
+        if not chunks:
+            return
+        lo = self.saved_entries if partial else 0
+        tensors = {
+            name: torch.cat(pieces[lo:]) for d in self.parts.values() for name, pieces in d.items()
+        }
+        info = self._write(shard_name(chunks[0], chunks[-1], partial=partial), chunks, tensors)
+        if partial:
+            write_journal(self.root, self.rank, [*self.journal, info])
+            self.journal.append(info)
+            self.partials.append(info)
+            self.saved_entries, self.saved_chunks = self.entries, len(self.chunks)
+            logger.info(
+                "committed chunks %d..%d as a partial shard (%s)", chunks[0], chunks[-1], info.file
+            )
+            return
+        replaced = {p.file for p in self.partials}
+        journal = [s for s in self.journal if s.file not in replaced] + [info]
+        write_journal(
+            self.root, self.rank, journal
+        )  # the commit point: partial shards -> one full shard
+        self.journal[:] = journal
+        for d in self.parts.values():
+            d.clear()
+        self.chunks, self.entries, self.saved_entries, self.saved_chunks = [], 0, 0, 0
+        for file in sorted(replaced):
+            (self.root / file).unlink(
+                missing_ok=True
+            )  # left over if killed here: removed on resume
+        self.partials = []
+
+    def _write(self, name: str, chunks: list[int], tensors: dict[str, torch.Tensor]) -> ShardInfo:
+        rows, valid_rows, tvals = {}, {}, set()
+        for stream in self.parts:
+            n = int(tensors[f"{stream}.t"].shape[0]) if f"{stream}.t" in tensors else 0
+            rows[stream] = n
+            valid = tensors.get(f"{stream}.valid")
+            valid_rows[stream] = int(valid.sum()) if valid is not None else n
+            if n:
+                tvals.update(float(v) for v in torch.unique(tensors[f"{stream}.t"]))
+        write_shard(
+            self.root, name, tensors, {"format": FORMAT, "chunks": ",".join(map(str, chunks))}
+        )
+        size = self.cfg.batch_size
+        chunk_units = tuple(u for c in chunks for u in self.units[c * size : (c + 1) * size])
+        return ShardInfo(name, tuple(chunks), chunk_units, rows, valid_rows, tuple(sorted(tvals)))
+
+
+def _stream_of(name: str) -> str:
+    """``"img.t"`` / ``"img_3.x"`` -> ``"img"``."""
+    return name.split(".", 1)[0].split("_", 1)[0]
 
 
 @torch.no_grad()
@@ -340,7 +471,9 @@ def harvest(
     state.wait_for_everyone()
     if existed:
         if not resume:
-            raise HarvestFormatError(f"{root} already holds a harvest; pass resume=True (--resume) to continue it")
+            raise HarvestFormatError(
+                f"{root} already holds a harvest; pass resume=True (--resume) to continue it"
+            )
         _check_compatible(json.loads(cfg_path.read_text()), new_cfg, root)
     committed = read_all_shards(root) if existed else []
     if state.is_main_process:
@@ -361,56 +494,54 @@ def harvest(
     logger.info(
         "rank %d/%d: %d of %d chunks to do (%d already committed); host buffer bound ~%.1f MiB "
         "(shard_rows=%d + one chunk, per stream: %s bytes/row)",
-        rank, world, len(mine), n_chunks, len(done),
+        rank,
+        world,
+        len(mine),
+        n_chunks,
+        len(done),
         sum(b * config.shard_rows for b in bytes_per_row.values()) / 2**20,
-        config.shard_rows, bytes_per_row,
+        config.shard_rows,
+        bytes_per_row,
     )
     max_len = int(config.call_kwargs.get("max_sequence_length", 512))
-    buffer: dict[str, dict[str, list[torch.Tensor]]] = {s: {} for s in config.streams}
-    buf_chunks: list[int] = []
-
-    def flush() -> None:
-        if not buf_chunks:
-            return
-        tensors: dict[str, torch.Tensor] = {}
-        rows, valid_rows, tvals = {}, {}, set()
-        for stream, parts in buffer.items():
-            for name, pieces in parts.items():
-                tensors[name] = torch.cat(pieces)
-            n = int(tensors[f"{stream}.t"].shape[0]) if f"{stream}.t" in tensors else 0
-            rows[stream] = n
-            valid = tensors.get(f"{stream}.valid")
-            valid_rows[stream] = int(valid.sum()) if valid is not None else n
-            if n:
-                tvals.update(float(v) for v in torch.unique(tensors[f"{stream}.t"]))
-        name = shard_name(buf_chunks[0], buf_chunks[-1])
-        write_shard(root, name, tensors, {"format": FORMAT, "chunks": ",".join(map(str, buf_chunks))})
-        chunk_units = tuple(u for c in buf_chunks for u in units[c * config.batch_size:(c + 1) * config.batch_size])
-        journal.append(ShardInfo(name, tuple(buf_chunks), chunk_units, rows, valid_rows, tuple(sorted(tvals))))
-        write_journal(root, rank, journal)
-        for d in buffer.values():
-            d.clear()
-        buf_chunks.clear()
-
+    buf = _ShardBuffer(root, rank, config, journal, units)
     capture = _StepCapture(pipe.transformer, config, storage)
-    bar = tqdm(total=len(mine), unit="chunk", desc=f"harvest[{rank}]",
-               disable=not (progress and state.is_main_process))
+    bar = tqdm(
+        total=len(mine),
+        unit="chunk",
+        desc=f"harvest[{rank}]",
+        disable=not (progress and state.is_main_process),
+    )
+    last_commit = time.monotonic()
     try:
         with capture:
+            if (
+                buf.rows() >= config.shard_rows
+            ):  # partial shards read back under a smaller shard_rows
+                buf.commit()
             for c in mine:
-                chunk = units[c * config.batch_size:(c + 1) * config.batch_size]
+                chunk = units[c * config.batch_size : (c + 1) * config.batch_size]
                 chunk_prompts = [prompts[p] for p, _ in chunk]
                 capture.begin_chunk(chunk, _text_valid(pipe, chunk_prompts, max_len))
                 gens = [torch.Generator("cpu").manual_seed(s) for _, s in chunk]
-                pipe(prompt=chunk_prompts, generator=gens, output_type="latent", **config.call_kwargs)
-                for stream, d in capture.chunk_rows().items():
-                    for name, value in d.items():
-                        buffer[stream].setdefault(name, []).append(value)
-                buf_chunks.append(c)
+                pipe(
+                    prompt=chunk_prompts, generator=gens, output_type="latent", **config.call_kwargs
+                )
+                buf.add(c, capture.chunk_rows())
                 bar.update(1)
-                if max(sum(len(v) for v in d.get(f"{s}.t", [])) for s, d in buffer.items()) >= config.shard_rows:
-                    flush()
-            flush()
+                if buf.rows() >= config.shard_rows:
+                    buf.commit()
+                    last_commit = time.monotonic()
+                elif time.monotonic() - last_commit >= config.commit_seconds:
+                    buf.commit(partial=True)
+                    last_commit = time.monotonic()
+            buf.commit()
+    except (KeyboardInterrupt, Exception):
+        try:  # keep every finished chunk; the one in flight is redone on --resume
+            buf.commit(partial=True)
+        except Exception:
+            logger.exception("could not commit the finished chunks after the interruption")
+        raise
     finally:
         bar.close()
     state.wait_for_everyone()
@@ -432,13 +563,27 @@ def _summarise(root: Path, n_units: int, write: bool) -> HarvestResult:
         timesteps=sorted({t for s in shards for t in s.timesteps}),
     )
     if write:
-        atomic_write_json(root / SUMMARY_FILE, {
-            "format": FORMAT, "version": FORMAT_VERSION, "complete": result.complete,
-            "units_done": result.units_done, "units_total": n_units, "valid_rows": rows,
-            "timesteps": result.timesteps, "shards": [s.to_json() for s in shards],
-        })
-    logger.info("harvest %s: %d shards, rows %s, %d/%d units", root, result.shards, rows,
-                result.units_done, n_units)
+        atomic_write_json(
+            root / SUMMARY_FILE,
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "complete": result.complete,
+                "units_done": result.units_done,
+                "units_total": n_units,
+                "valid_rows": rows,
+                "timesteps": result.timesteps,
+                "shards": [s.to_json() for s in shards],
+            },
+        )
+    logger.info(
+        "harvest %s: %d shards, rows %s, %d/%d units",
+        root,
+        result.shards,
+        rows,
+        result.units_done,
+        n_units,
+    )
     return result
 
 

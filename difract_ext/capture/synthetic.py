@@ -16,18 +16,17 @@ from pathlib import Path
 
 import torch
 
-from difract_ext.util.atomic import atomic_write_json
 from difract_ext.capture.format import (
     CONFIG_FILE,
     FORMAT,
     FORMAT_VERSION,
     ShardInfo,
     shard_name,
-    site_key,
     write_journal,
     write_shard,
 )
 from difract_ext.flux.sites import Site
+from difract_ext.util.atomic import atomic_write_json
 
 
 def write_harvest(
@@ -49,14 +48,29 @@ def write_harvest(
     streams = sorted({s.stream for s in rows})
     d_model = int(next(iter(rows.values()))[0].shape[-1])
     n = {s: int(t[s].shape[0]) for s in streams}
-    n_prompts = 1 + max((int(prompt[s].max()) for s in streams if len(prompt[s])), default=0) if prompt else 1
-    atomic_write_json(root / CONFIG_FILE, {
-        "format": FORMAT, "version": FORMAT_VERSION, "sites": [site_key(s) for s in sorted(rows)],
-        "d_model": d_model, "prompts": list(prompts or [f"synthetic {i}" for i in range(n_prompts)]),
-        "seeds": [0], "batch_size": 1, "text_padding": "drop", "subsample": 1, "sample_seed": 0,
-        "dtype": str(next(iter(rows.values()))[0].dtype).replace("torch.", ""), "call_kwargs": {},
-        "model_name": model_name,
-    })
+    n_prompts = (
+        1 + max((int(prompt[s].max()) for s in streams if len(prompt[s])), default=0)
+        if prompt
+        else 1
+    )
+    atomic_write_json(
+        root / CONFIG_FILE,
+        {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "sites": [str(s) for s in sorted(rows)],
+            "d_model": d_model,
+            "prompts": list(prompts or [f"synthetic {i}" for i in range(n_prompts)]),
+            "seeds": [0],
+            "batch_size": 1,
+            "text_padding": "drop",
+            "subsample": 1,
+            "sample_seed": 0,
+            "dtype": str(next(iter(rows.values()))[0].dtype).replace("torch.", ""),
+            "call_kwargs": {},
+            "model_name": model_name,
+        },
+    )
     n_shards = max(-(-n[s] // shard_rows) for s in streams)
     journal = []
     for i in range(n_shards):
@@ -68,7 +82,9 @@ def write_harvest(
             counts[s] = hi - lo
             ts = t[s][lo:hi].float()
             tensors[f"{s}.t"] = ts
-            tensors[f"{s}.prompt"] = (prompt[s][lo:hi] if prompt else torch.zeros(hi - lo)).to(torch.int32)
+            tensors[f"{s}.prompt"] = (prompt[s][lo:hi] if prompt else torch.zeros(hi - lo)).to(
+                torch.int32
+            )
             tensors[f"{s}.seed"] = torch.zeros(hi - lo, dtype=torch.int64)
             tensors[f"{s}.step"] = torch.zeros(hi - lo, dtype=torch.int32)
             tensors[f"{s}.pos"] = torch.arange(lo, hi, dtype=torch.int32)
@@ -76,8 +92,8 @@ def write_harvest(
         for site, (x, y) in rows.items():
             lo, hi = i * shard_rows, min((i + 1) * shard_rows, n[site.stream])
             hi = max(lo, hi)
-            tensors[f"{site_key(site)}.x"] = x[lo:hi]
-            tensors[f"{site_key(site)}.y"] = y[lo:hi]
+            tensors[f"{site}.x"] = x[lo:hi]
+            tensors[f"{site}.y"] = y[lo:hi]
         name = shard_name(i, i)
         write_shard(root, name, tensors, {"format": FORMAT})
         journal.append(ShardInfo(name, (i,), ((i, 0),), counts, dict(counts), tuple(sorted(tvals))))
@@ -86,8 +102,14 @@ def write_harvest(
 
 
 def linear_plus_sparse(
-    n_rows: int, d_model: int, n_latents: int, threshold: float = 1.5, noise: float = 0.01,
-    timesteps: Sequence[float] = (1.0, 0.75, 0.5, 0.25), seed: int = 0, row_seed: int | None = None,
+    n_rows: int,
+    d_model: int,
+    n_latents: int,
+    threshold: float = 1.5,
+    noise: float = 0.01,
+    timesteps: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+    seed: int = 0,
+    row_seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x [N, D], y [N, D], t [N])`` from the model in the module docstring.
 
@@ -127,8 +149,11 @@ def synthetic_harvest(
     rows, ts = {}, {}
     for i, site in enumerate(sorted(sites)):
         rs = None if row_seed is None else row_seed + 1000 * i
-        x, y, t = linear_plus_sparse(n_rows, d_model, n_latents, seed=seed + i, row_seed=rs, **kwargs)  # type: ignore[arg-type]
+        x, y, t = linear_plus_sparse(
+            n_rows, d_model, n_latents, seed=seed + i, row_seed=rs, **kwargs
+        )  # type: ignore[arg-type]
         rows[site] = (x, y)
         ts.setdefault(site.stream, t)  # rows of one stream share metadata: the first site's t
-    return write_harvest(root, rows, ts, shard_rows=shard_rows,
-                         prompts=[f"synthetic seed {seed} rows {row_seed}"])
+    return write_harvest(
+        root, rows, ts, shard_rows=shard_rows, prompts=[f"synthetic seed {seed} rows {row_seed}"]
+    )

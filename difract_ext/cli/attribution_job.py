@@ -7,7 +7,9 @@ Target specs (``--target``), several allowed, each optionally weighted with ``=W
 - ``x0:red@left`` / ``velocity:#ff8800@top``: the predicted clean latent (or velocity) over a
   region (``all``, ``left``, ``right``, ``top``, ``bottom``) projected on a colour's direction in
   latent space (palette names of the shapes world, or ``#rrggbb``);
-- ``feature:1.img.123`` / ``feature:0.txt.7@all``: a transcoder feature's pre-activation.
+- ``feature:img_1:123`` / ``feature:txt_0:7@all``: a transcoder feature's pre-activation (the site
+  in its one string form, ``STREAM_LAYER``, then the feature index; ``@all``, all positions, is
+  the only region a feature target has and may be left out).
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-from difract_ext.util.atomic import atomic_write_json
 from difract_ext.flux.directions import colour_directions, region_patches
 from difract_ext.flux.sites import Site, check_stream
+from difract_ext.util.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-_OUTPUT = re.compile(r"^(?P<kind>x0|velocity):(?P<what>#[0-9a-fA-F]{6}|[a-z]+)@(?P<region>[a-z]+)(=(?P<w>[0-9.eE+-]+))?$")
-_FEATURE = re.compile(r"^feature:(?P<layer>\d+)\.(?P<stream>[a-z]+)\.(?P<index>\d+)(@all)?(=(?P<w>[0-9.eE+-]+))?$")
+_OUTPUT = re.compile(
+    r"^(?P<kind>x0|velocity):(?P<what>#[0-9a-fA-F]{6}|[a-z]+)@(?P<region>[a-z]+)(=(?P<w>[0-9.eE+-]+))?$"
+)
+_FEATURE = re.compile(r"^feature:(?P<site>[a-z]+_\d+):(?P<index>\d+)(@all)?(=(?P<w>[0-9.eE+-]+))?$")
+_OLD_FEATURE = re.compile(
+    r"^feature:(?P<layer>\d+)\.(?P<stream>[a-z]+)\.(?P<index>\d+)(?P<rest>.*)$"
+)
 
 
 @dataclass(frozen=True)
@@ -53,17 +59,33 @@ def parse_target(spec: str) -> TargetRequest:
     spec = spec.strip()
     m = _OUTPUT.match(spec)
     if m:
-        return TargetRequest(kind=m["kind"], weight=float(m["w"] or 1.0), colour=m["what"],
-                             region=m["region"], text=spec)
+        return TargetRequest(
+            kind=m["kind"],
+            weight=float(m["w"] or 1.0),
+            colour=m["what"],
+            region=m["region"],
+            text=spec,
+        )
     m = _FEATURE.match(spec)
     if m:
-        return TargetRequest(kind="feature", weight=float(m["w"] or 1.0),
-                             site=Site(int(m["layer"]), check_stream(m["stream"])), feature=int(m["index"]),
-                             text=spec)
+        return TargetRequest(
+            kind="feature",
+            weight=float(m["w"] or 1.0),
+            site=Site.parse(m["site"]),
+            feature=int(m["index"]),
+            text=spec,
+        )
+    m = _OLD_FEATURE.match(spec)
+    if m:
+        site = Site(int(m["layer"]), check_stream(m["stream"]))
+        raise ValueError(
+            f"target {spec!r} uses the old feature:LAYER.STREAM.INDEX form; write it as "
+            f"feature:{site}:{m['index']}{m['rest']} (feature:SITE:INDEX, the site as STREAM_LAYER)"
+        )
     raise ValueError(
         f"cannot parse target {spec!r}; use KIND:COLOUR@REGION (KIND x0|velocity, COLOUR a palette "
         "name or #rrggbb, REGION all|left|right|top|bottom), e.g. x0:red@left, or "
-        "feature:LAYER.STREAM.INDEX, e.g. feature:1.img.123; append =W to weight it"
+        "feature:SITE:INDEX, e.g. feature:img_1:123; append =W to weight it"
     )
 
 
@@ -76,29 +98,52 @@ def _rgb(colour: str, palette: Mapping[str, Any]) -> tuple[int, int, int]:
 
 
 def build_targets(
-    requests: list[TargetRequest], pipeline: Any, dictionaries: Mapping[Site, Any], palette: Mapping[str, Any]
+    requests: list[TargetRequest],
+    pipeline: Any,
+    dictionaries: Mapping[Site, Any],
+    palette: Mapping[str, Any],
 ) -> Callable[[Any], list[Any]]:
     """A ``model -> [TargetSpec]`` factory for :func:`~difract_ext.adapters.attribution.attribute_step`."""
     from difract_ext.replacement.targets import feature_target, output_target
 
     colours = {r.colour for r in requests if r.colour}
     named = {c: _rgb(c, palette) for c in colours}
-    reference = {**{k: tuple(v) for k, v in palette.items()}, **named}  # directions relative to the palette
+    reference = {
+        **{k: tuple(v) for k, v in palette.items()},
+        **named,
+    }  # directions relative to the palette
     directions = colour_directions(pipeline, reference) if named else {}
     for r in requests:
         if r.kind == "feature" and r.site not in dictionaries:
-            raise ValueError(f"target {r.text!r}: no transcoder at layer {r.site.layer} stream {r.site.stream!r}")
+            have = ", ".join(str(s) for s in sorted(dictionaries)) or "none"
+            raise ValueError(f"target {r.text!r}: no transcoder at {r.site} (transcoders: {have})")
 
     def make(model: Any) -> list[Any]:
         specs = []
         for r in requests:
             if r.kind == "feature":
-                specs.append(feature_target(model.frozen, dictionaries, r.site, r.feature, weight=r.weight,  # type: ignore[arg-type]
-                                            label=r.text))
+                specs.append(
+                    feature_target(
+                        model.frozen,
+                        dictionaries,
+                        r.site,
+                        r.feature,
+                        weight=r.weight,  # type: ignore[arg-type]
+                        label=r.text,
+                    )
+                )
             else:
                 patches = region_patches(r.region, model.step.grid)
-                specs.append(output_target(model.frozen, patches, directions[r.colour], kind=r.kind,
-                                           label=r.text, weight=r.weight))
+                specs.append(
+                    output_target(
+                        model.frozen,
+                        patches,
+                        directions[r.colour],
+                        kind=r.kind,
+                        label=r.text,
+                        weight=r.weight,
+                    )
+                )
         return specs
 
     return make
@@ -113,7 +158,7 @@ def run_attribution(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    num_inference_steps: int = 4,
+    num_inference_steps: int | None = None,
     palette: Mapping[str, Any] | None = None,
     max_feature_nodes: int | None = None,
     batch_size: int | None = None,
@@ -121,9 +166,15 @@ def run_attribution(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     validate: bool = True,
+    scan: str = "flux",
     **call: Any,
 ) -> dict[str, Any]:
     """Capture ``step`` of ``prompt``, attribute ``targets``, validate and write graph files.
+
+    ``num_inference_steps`` and the pipeline keywords in ``call`` (``height``, ``width``,
+    ``max_sequence_length``...) default to the pipeline's own (see ``capture_step_input``).
+    ``scan`` names the transcoder set: circuit-tracer's ``Graph.scan`` and the graph files'
+    ``features/{scan}/`` folder.
 
     Returns a report (also written as ``{out_dir}/{slug}.report.json``): slug, graph path,
     node counts, replacement/completeness scores, conservation error, unfrozen ablation Spearman.
@@ -131,8 +182,8 @@ def run_attribution(
     from circuit_tracer.graph import compute_graph_scores
 
     from difract_ext.adapters.attribution import attribute_step
-    from difract_ext.graphs.files import write_graph_files
     from difract_ext.attribution import validation
+    from difract_ext.graphs.files import write_graph_files
     from difract_ext.replacement.inputs import capture_step_input
 
     requests = [parse_target(t) for t in targets]
@@ -143,34 +194,66 @@ def run_attribution(
 
         palette = COLORS
     make = build_targets(requests, pipeline, dictionaries, palette)
-    captured = capture_step_input(pipeline, prompt, step, seed=seed, num_inference_steps=num_inference_steps,
-                                  finish=True, **call)
-    result = attribute_step(pipeline.transformer, captured, dictionaries, make,
-                            max_feature_nodes=max_feature_nodes, batch_size=batch_size,
-                            backward_batch=backward_batch)
+    captured = capture_step_input(
+        pipeline,
+        prompt,
+        step,
+        seed=seed,
+        num_inference_steps=num_inference_steps,
+        finish=True,
+        **call,
+    )
+    result = attribute_step(
+        pipeline.transformer,
+        captured,
+        dictionaries,
+        make,
+        max_feature_nodes=max_feature_nodes,
+        batch_size=batch_size,
+        backward_batch=backward_batch,
+        scan=scan,
+    )
     replacement, completeness = compute_graph_scores(result.graph)
     report: dict[str, Any] = {
-        "prompt": prompt, "seed": seed, "step": step, "timestep": captured.t,
+        "prompt": prompt,
+        "seed": seed,
+        "step": step,
+        "timestep": captured.t,
         "targets": [t.label for t in result.targets],
         "target_values": [float(v) for v in result.target_values],
         "n_active_features": result.components.n_active,
         "n_feature_nodes": len(result.graph.selected_features) - result.n_residue,
         "n_residue_nodes": result.n_residue,
-        "replacement_score": float(replacement), "completeness_score": float(completeness),
+        "replacement_score": float(replacement),
+        "completeness_score": float(completeness),
     }
     if validate:
         report["conservation"] = validation.conservation(result)
         if result.targets[0].kind != "feature":
-            abl = validation.ablation_spearman(result, top=min(30, len(result.graph.selected_features)))
+            abl = validation.ablation_spearman(
+                result, top=min(30, len(result.graph.selected_features))
+            )
             report["unfrozen_ablation_spearman"] = abl["spearman"]
             report["unfrozen_ablation_nodes"] = abl["n"]
     image = captured.images[0]
     slug = _slug(prompt, seed, step, targets)
-    path = write_graph_files(result.graph, result.meta, out_dir, slug, node_threshold=node_threshold,
-                             edge_threshold=edge_threshold, image=image)
+    path = write_graph_files(
+        result.graph,
+        result.meta,
+        out_dir,
+        slug,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+        image=image,
+        scan=scan,
+    )
     report["slug"], report["graph_file"] = slug, str(path)
     atomic_write_json(Path(out_dir) / f"{slug}.report.json", report)
-    logger.info("graph %s: %s", slug, json.dumps({k: report[k] for k in ("replacement_score", "completeness_score")}))
+    logger.info(
+        "graph %s: %s",
+        slug,
+        json.dumps({k: report[k] for k in ("replacement_score", "completeness_score")}),
+    )
     return report
 
 
@@ -183,15 +266,18 @@ def _slug(prompt: str, seed: int, step: int, targets: list[str]) -> str:
 DEMO_PROMPT = "a red circle on the left and a blue square on the right"
 
 
-def demo_graph(out_dir: str | Path, prompt: str = DEMO_PROMPT, step: int = 1,
-               targets: tuple[str, ...] = ("x0:red@left",)) -> dict[str, Any]:
+def demo_graph(
+    out_dir: str | Path,
+    prompt: str = DEMO_PROMPT,
+    step: int = 1,
+    targets: tuple[str, ...] = ("x0:red@left",),
+) -> dict[str, Any]:
     """The demo's graph: the shapes model, its shipped transcoders, "how red is the left object"."""
     from difract_ext.adapters.checkpoints import load_shapes_dictionaries
-    from difract_ext.toy import SHAPES_CALL_DEFAULTS, load_shapes_pipeline
+    from difract_ext.toy import load_shapes_pipeline
 
-    pipe = load_shapes_pipeline()
+    pipe = load_shapes_pipeline()  # carries its own call defaults (32 px, 16 tokens, 4 steps)
     dictionaries = load_shapes_dictionaries()
-    call = {k: v for k, v in SHAPES_CALL_DEFAULTS.items() if k != "num_inference_steps"}
-    return run_attribution(pipe, prompt, step, list(targets), dictionaries, out_dir,
-                           num_inference_steps=int(SHAPES_CALL_DEFAULTS["num_inference_steps"]),
-                           max_feature_nodes=1500, **call)
+    return run_attribution(
+        pipe, prompt, step, list(targets), dictionaries, out_dir, max_feature_nodes=1500
+    )

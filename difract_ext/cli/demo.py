@@ -89,12 +89,19 @@ def run_demo(
             for spine in ax.spines.values():
                 spine.set_edgecolor("green" if ok else "red")
                 spine.set_linewidth(3)
-            ax.set_xlabel("\n".join(textwrap.wrap(text, 30)), fontsize=6.5, color="darkgreen" if ok else "darkred")
+            ax.set_xlabel(
+                "\n".join(textwrap.wrap(text, 30)),
+                fontsize=6.5,
+                color="darkgreen" if ok else "darkred",
+            )
             if j == 0:
                 ax.set_title("\n".join(textwrap.wrap(prompt, 34)), fontsize=7, loc="left")
             else:
                 ax.set_title(f"seed {seeds[j]}", fontsize=7)
-    fig.suptitle(f"shapes FLUX (4 Euler steps, no guidance): {n_ok}/{rows * cols} fully correct per analyzer", fontsize=9)
+    fig.suptitle(
+        f"shapes FLUX (4 Euler steps, no guidance): {n_ok}/{rows * cols} fully correct per analyzer",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

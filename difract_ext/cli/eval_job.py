@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difract_ext.util.atomic import atomic_write_bytes, atomic_write_json
-from difract_ext.capture.format import HarvestReader, site_key
+from difract_ext.adapters.dictionaries import SAELENS_IO
+from difract_ext.capture.format import HarvestReader
 from difract_ext.flux.sites import Site
+from difract_ext.intervene.generation import ImageScorer, splice_table, spliced_generation
 from difract_ext.training.evaluation import (
     ALL,
     DictionaryEval,
@@ -24,8 +25,9 @@ from difract_ext.training.evaluation import (
     per_timestep_table,
 )
 from difract_ext.training.plots import curves_table, plot_sparsity_faithfulness
-from difract_ext.intervene.generation import ImageScorer, splice_table, spliced_generation
+from difract_ext.training.quality import ADVICE, quality_problems
 from difract_ext.training.store import TrainedDictionary, load_dictionaries
+from difract_ext.util.atomic import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class EvalSummary:
 
     evals: list[DictionaryEval]
     splice: list[dict[str, Any]] = field(default_factory=list)
+    #: failing dictionaries only: name -> why (:mod:`~difract_ext.training.quality`)
+    failing: dict[str, list[str]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -95,7 +99,11 @@ def run_evaluation(
     Raises:
         ValueError: the evaluation prompts overlap the training prompts (unless allowed).
     """
-    dicts = list(load_dictionaries(dictionaries, device) if isinstance(dictionaries, (str, Path)) else dictionaries)
+    dicts = list(
+        load_dictionaries(dictionaries, device, io=SAELENS_IO)
+        if isinstance(dictionaries, (str, Path))
+        else dictionaries
+    )
     reader = HarvestReader(data)
     overlap = check_disjoint(reader, dicts)
     if overlap and not allow_overlap:
@@ -103,15 +111,52 @@ def run_evaluation(
             f"{len(overlap)} evaluation prompts were also training prompts (e.g. {overlap[:3]}); "
             "harvest held-out prompts, or pass allow_overlap=True (--allow-overlap)"
         )
-    evals = evaluate_dictionaries(dicts, reader, batch_size=batch_size, dense_threshold=dense_threshold,
-                                  device=device, progress=progress)
+    evals = evaluate_dictionaries(
+        dicts,
+        reader,
+        batch_size=batch_size,
+        dense_threshold=dense_threshold,
+        device=device,
+        progress=progress,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = EvalSummary(evals)
-    md = ["# Held-out evaluation", "", f"Data: `{reader.root}` ({len(reader.prompts)} prompts, "
-          f"rows {dict((s, reader.n_rows(s)) for s in reader.streams)}); overlap with training prompts: "
-          f"{len(overlap)}.", "", "## All timesteps", "", eval_table(evals), "## Per timestep", "",
-          per_timestep_table(evals), "## Sparsity–faithfulness points", "", curves_table(evals)]
+    for e in evals:
+        problems = quality_problems(e.groups.get(ALL, {}))
+        if problems:
+            summary.failing[e.name] = problems
+            logger.warning(
+                "%s FAILS the quality checks on held-out data: %s; %s",
+                e.name,
+                "; ".join(problems),
+                ADVICE,
+            )
+    verdict = (
+        f"**{len(summary.failing)} of {len(evals)} dictionaries FAIL the quality checks** "
+        f"({', '.join(summary.failing)}): {ADVICE}."
+        if summary.failing
+        else f"All {len(evals)} dictionaries pass the quality checks."
+    )
+    md = [
+        "# Held-out evaluation",
+        "",
+        f"Data: `{reader.root}` ({len(reader.prompts)} prompts, "
+        f"rows {dict((s, reader.n_rows(s)) for s in reader.streams)}); overlap with training prompts: "
+        f"{len(overlap)}.",
+        "",
+        "## All timesteps",
+        "",
+        eval_table(evals),
+        verdict,
+        "",
+        "## Per timestep",
+        "",
+        per_timestep_table(evals),
+        "## Sparsity–faithfulness points",
+        "",
+        curves_table(evals),
+    ]
     if len(evals):
         summary.files["plot"] = plot_sparsity_faithfulness(evals, out / "sparsity_faithfulness.png")
         md += ["![sparsity-faithfulness](sparsity_faithfulness.png)", ""]
@@ -123,18 +168,45 @@ def run_evaluation(
             prompts = list(splice_prompts or reader.prompts)[:splice_max_prompts]
             pairs = [(p, s) for p in prompts for s in splice_seeds]
             summary.splice = spliced_generation(
-                pipeline, [p for p, _ in pairs], [s for _, s in pairs], chosen, call_kwargs or {},
-                score_images=score_images, progress=progress,
+                pipeline,
+                [p for p, _ in pairs],
+                [s for _, s in pairs],
+                chosen,
+                call_kwargs or {},
+                score_images=score_images,
+                progress=progress,
             )
-            keys = sorted({k[len("adherence/"):] for r in summary.splice for k in r if k.startswith("adherence/")})
-            keys = [k for k in keys if k.endswith("fully_correct") or k in ("all/color", "all/shape", "all/position")]
-            md += ["## Spliced generation (MLP output replaced, no error term)", "",
-                   f"{len(pairs)} generations; transcoders: "
-                   + ", ".join(f"{site_key(s)}" for s in chosen) + ".", "", splice_table(summary.splice, keys)]
+            keys = sorted(
+                {
+                    k[len("adherence/") :]
+                    for r in summary.splice
+                    for k in r
+                    if k.startswith("adherence/")
+                }
+            )
+            keys = [
+                k
+                for k in keys
+                if k.endswith("fully_correct") or k in ("all/color", "all/shape", "all/position")
+            ]
+            md += [
+                "## Spliced generation (MLP output replaced, no error term)",
+                "",
+                f"{len(pairs)} generations; transcoders: "
+                + ", ".join(str(s) for s in chosen)
+                + ".",
+                "",
+                splice_table(summary.splice, keys),
+            ]
             summary.files["splice"] = atomic_write_json(out / "splice.json", summary.splice)
-    summary.files["json"] = atomic_write_json(out / "eval.json", {
-        "data": str(reader.root), "overlap": overlap, "evals": [e.to_json() for e in evals],
-        "splice": summary.splice,
-    })
+    summary.files["json"] = atomic_write_json(
+        out / "eval.json",
+        {
+            "data": str(reader.root),
+            "overlap": overlap,
+            "evals": [{**e.to_json(), "problems": summary.failing.get(e.name, [])} for e in evals],
+            "splice": summary.splice,
+        },
+    )
     summary.files["markdown"] = atomic_write_bytes(out / "eval.md", "\n".join(md).encode())
     return summary

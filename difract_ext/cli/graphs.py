@@ -8,27 +8,21 @@ from pathlib import Path
 from typing import Any
 
 
-def _load_pipeline(model: str) -> tuple[Any, dict[str, Any]]:
-    """The pipeline and its default call keywords (``shapes`` = the shipped toy model)."""
-    if model == "shapes":
-        from difract_ext.toy import SHAPES_CALL_DEFAULTS, load_shapes_pipeline
-
-        return load_shapes_pipeline(), {k: v for k, v in SHAPES_CALL_DEFAULTS.items() if k != "num_inference_steps"}
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, {}
-
-
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from difract_ext.adapters.checkpoints import load_dictionary_dir
     from difract_ext.cli.attribution_job import run_attribution
+    from difract_ext.cli.sources import load_pipeline
+    from difract_ext.flux.defaults import resolve
 
-    pipe, call = _load_pipeline(args.model)
-    for key in ("height", "width", "max_sequence_length"):
-        if getattr(args, key) is not None:
-            call[key] = getattr(args, key)
+    pipe = load_pipeline(args.model).pipe
+    # the pipeline's own defaults, overridden by the flags given; warns outside the trained range
+    call = resolve(
+        pipe,
+        height=args.height,
+        width=args.width,
+        max_sequence_length=args.max_sequence_length,
+        num_inference_steps=args.steps,
+    )
     if args.transcoders:
         dictionaries = load_dictionary_dir(args.transcoders, role="transcoder")
     elif args.model == "shapes":
@@ -38,10 +32,19 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     else:
         raise ValueError("give --transcoders DIR for a model other than the shipped shapes model")
     report = run_attribution(
-        pipe, args.prompt, args.step, args.target, dictionaries, args.out, seed=args.seed,
-        num_inference_steps=args.steps, max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
+        pipe,
+        args.prompt,
+        args.step,
+        args.target,
+        dictionaries,
+        args.out,
+        seed=args.seed,
+        max_feature_nodes=args.max_feature_nodes,
+        batch_size=args.batch_size,
         backward_batch=args.backward_batch,
-        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, validate=not args.no_validate,
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
+        validate=not args.no_validate,
         **call,
     )
     print(json.dumps(report, indent=2, default=str))
@@ -53,9 +56,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from difract_ext.graphs.server import serve_forever
 
     if not Path(args.dir).is_dir():
-        raise FileNotFoundError(f"{args.dir}: no such graph folder (write one with `difract attribute --out DIR`)")
-    print(f"serving {args.dir} at http://127.0.0.1:{args.port}/ (Ctrl-C to stop)")
-    serve_forever(args.dir, port=args.port)
+        raise FileNotFoundError(
+            f"{args.dir}: no such graph folder (write one with `difract attribute --out DIR`)"
+        )
+    serve_forever(
+        args.dir,
+        port=args.port,
+        ready=lambda server: print(f"serving {args.dir} at {server.url} (Ctrl-C to stop)"),
+    )
     return 0
 
 
@@ -72,30 +80,62 @@ def add_graph_commands(sub: Any) -> None:
         ),
     )
     p.add_argument("--prompt", required=True, help="one prompt (graphs are per prompt and seed)")
-    p.add_argument("--step", type=int, default=1, help="0-based denoising step to explain (default 1)")
-    p.add_argument("--target", action="append", required=True, metavar="SPEC",
-                   help="KIND:COLOUR@REGION (KIND x0|velocity; COLOUR a shapes-world colour or #rrggbb; "
-                   "REGION all|left|right|top|bottom), or feature:LAYER.STREAM.INDEX; =W weights it. "
-                   "Repeat for several targets. Example: --target x0:red@left")
+    p.add_argument(
+        "--step", type=int, default=1, help="0-based denoising step to explain (default 1)"
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="KIND:COLOUR@REGION (KIND x0|velocity; COLOUR a shapes-world colour or #rrggbb; "
+        "REGION all|left|right|top|bottom), or feature:SITE:INDEX (e.g. feature:img_1:123); "
+        "=W weights it. "
+        "Repeat for several targets. Example: --target x0:red@left",
+    )
     p.add_argument("--out", required=True, help="output folder for graph files")
-    p.add_argument("--model", default="shapes", help="'shapes' (the shipped toy model) or a FluxPipeline folder/hub id")
-    p.add_argument("--transcoders", help="folder of SAELens transcoder folders or DifFRACT .pt files "
-                   "(default for the shapes model: its shipped transcoders)")
+    p.add_argument(
+        "--model",
+        default="shapes",
+        help="'shapes' (the shipped toy model), 'shapes:FOLDER', or a FluxPipeline folder/hub id",
+    )
+    p.add_argument(
+        "--transcoders",
+        help="folder of SAELens transcoder folders or DifFRACT .pt files "
+        "(default for the shapes model: its shipped transcoders)",
+    )
     p.add_argument("--seed", type=int, default=0, help="generator seed")
-    p.add_argument("--steps", type=int, default=4, help="num_inference_steps of the run")
+    p.add_argument(
+        "--steps", type=int, help="num_inference_steps of the run (default: the model's; shapes: 4)"
+    )
     p.add_argument("--height", type=int, help="image height (default: the model's)")
     p.add_argument("--width", type=int, help="image width (default: the model's)")
     p.add_argument("--max-sequence-length", type=int, help="T5 length (default: the model's)")
-    p.add_argument("--max-feature-nodes", type=int, help="expand at most this many features; the rest "
-                   "become residue nodes (default: all)")
-    p.add_argument("--batch-size", type=int,
-                   help="circuit-tracer's batch: rows per compute_batch call (default: 128 on CPU, 256 on GPU)")
-    p.add_argument("--backward-batch", type=int,
-                   help="rows per backward pass; larger batches are sorted by layer into these "
-                        "(default: 32 on CPU, the batch size on GPU)")
-    p.add_argument("--node-threshold", type=float, default=0.8, help="pruning: cumulative node influence kept")
-    p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: cumulative edge influence kept")
-    p.add_argument("--no-validate", action="store_true", help="skip conservation and ablation checks")
+    p.add_argument(
+        "--max-feature-nodes",
+        type=int,
+        help="expand at most this many features; the rest become residue nodes (default: all)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="circuit-tracer's batch: rows per compute_batch call (default: 128 on CPU, 256 on GPU)",
+    )
+    p.add_argument(
+        "--backward-batch",
+        type=int,
+        help="rows per backward pass; larger batches are sorted by layer into these "
+        "(default: 32 on CPU, the batch size on GPU)",
+    )
+    p.add_argument(
+        "--node-threshold", type=float, default=0.8, help="pruning: cumulative node influence kept"
+    )
+    p.add_argument(
+        "--edge-threshold", type=float, default=0.98, help="pruning: cumulative edge influence kept"
+    )
+    p.add_argument(
+        "--no-validate", action="store_true", help="skip conservation and ablation checks"
+    )
     p.set_defaults(func=_cmd_attribute)
 
     s = sub.add_parser(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,12 +38,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     graphs = Path(args.out) / "graphs"
     report = demo_graph(graphs)
-    print(f"attribution graph of step 1 of {DEMO_PROMPT!r}, target x0:red@left (how red is the left object):")
+    print(
+        f"attribution graph of step 1 of {DEMO_PROMPT!r}, target x0:red@left (how red is the left object):"
+    )
     print(f"  {report['graph_file']}")
-    print(f"  nodes: {report['n_feature_nodes']} features + {report['n_residue_nodes']} residue; replacement "
-          f"score {report['replacement_score']:.3f}, completeness {report['completeness_score']:.3f}, "
-          f"conservation error {report['conservation']['max_rel_error']:.1e}, unfrozen ablation Spearman "
-          f"{report['unfrozen_ablation_spearman']:.2f}")
+    print(
+        f"  nodes: {report['n_feature_nodes']} features + {report['n_residue_nodes']} residue; replacement "
+        f"score {report['replacement_score']:.3f}, completeness {report['completeness_score']:.3f}, "
+        f"conservation error {report['conservation']['max_rel_error']:.1e}, unfrozen ablation Spearman "
+        f"{report['unfrozen_ablation_spearman']:.2f}"
+    )
     print(f"view it with:  .venv/bin/difract serve {graphs}   (then open http://127.0.0.1:8041/)")
     return 0
 
@@ -51,18 +56,18 @@ def _cmd_harvest(args: argparse.Namespace) -> int:
     from difract_ext.capture import HarvestConfig, harvest
     from difract_ext.capture.processes import process_state
     from difract_ext.cli.sources import load_pipeline, load_prompts, parse_sites
+    from difract_ext.flux.defaults import CALL_KEYS, resolve
 
     device = args.device or str(process_state().device)
     loaded = load_pipeline(args.model, device=device, dtype=args.model_dtype)
-    call = dict(loaded.call_kwargs)
-    for key in ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length"):
-        if getattr(args, key) is not None:
-            call[key] = getattr(args, key)
+    # the pipeline's own defaults, overridden by the flags given; warns outside the trained range
+    call = resolve(loaded.pipe, **{key: getattr(args, key) for key in CALL_KEYS})
     config = HarvestConfig(
         sites=parse_sites(args.sites, loaded.pipe.transformer),
         seeds=args.seeds,
         batch_size=args.batch_size,
         shard_rows=args.shard_rows,
+        commit_seconds=args.commit_seconds,
         text_padding=args.text_padding,
         subsample=args.subsample,
         text_subsample=args.text_subsample,
@@ -71,55 +76,31 @@ def _cmd_harvest(args: argparse.Namespace) -> int:
         call_kwargs=call,
         model_name=args.model_name or loaded.model_name,
     )
-    result = harvest(loaded.pipe, load_prompts(args.prompts), args.out, config,
-                     resume=args.resume, progress=not args.no_progress)
+    result = harvest(
+        loaded.pipe,
+        load_prompts(args.prompts),
+        args.out,
+        config,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
     if process_state().is_main_process:
-        print(f"harvested {result.units_done}/{result.units_total} (prompt, seed) units into "
-              f"{result.root}: {result.shards} shards, rows {result.rows}")
+        print(
+            f"harvested {result.units_done}/{result.units_total} (prompt, seed) units into "
+            f"{result.root}: {result.shards} shards, rows {result.rows}"
+        )
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from difract_ext.capture import HarvestReader
-    from difract_ext.capture.processes import process_state
-    from difract_ext.cli.sources import parse_sites
-    from difract_ext.training import TrainConfig, train_dictionaries
-    from difract_ext.training.specs import specs_from_options
+    from difract_ext.cli.train_job import run_train
 
-    reader = HarvestReader(args.data)
-    sites = parse_sites(args.sites, available=reader.sites)
-    specs = specs_from_options(
-        sites, roles=args.roles, activations=args.activation, l1_img=args.l1_img, l1_txt=args.l1_txt,
-        ks=args.k, expansion_factor=args.expansion, d_sae=args.d_sae, lr=args.lr,
-        d_t_embed=args.d_t_embed, dead_remedy=args.dead_remedy,
-    )
-    config = TrainConfig(
-        batch_size=args.batch_size, epochs=args.epochs, lr_warmup_steps=args.lr_warmup_steps,
-        lr_end_fraction=args.lr_end_fraction, l1_warmup_steps=args.l1_warmup_steps,
-        weight_decay=args.weight_decay, mix_shards=args.mix_shards, seed=args.seed,
-        dead_window=args.dead_window, resample_every=args.resample_every,
-        resample_until=args.resample_until, resample_min_rate=args.resample_min_rate,
-        auxk_coefficient=args.auxk_coefficient,
-        auxk_k=args.auxk_k, checkpoint_every_steps=args.checkpoint_every_steps,
-        checkpoint_every_seconds=args.checkpoint_every_seconds,
-        stop_after_steps=args.stop_after_steps, log_every=args.log_every,
-    )
-    result = train_dictionaries(reader, specs, args.out, config, resume=args.resume,
-                                progress=not args.no_progress)
-    if process_state().is_main_process:
-        if not result.finished:
-            print(f"stopped at global step {result.global_step}; continue with --resume")
-        for name, metrics in result.metrics.items():
-            f = metrics["final"]
-            print(f"{name}: nmse {f.get('nmse', float('nan')):.4f}  L0 {f.get('l0', float('nan')):.1f}  "
-                  f"dead {f['dead_fraction']:.1%}")
-        print(f"dictionaries written under {result.out_dir}")
-    return 0
+    return run_train(args)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from difract_ext.cli.eval_job import run_evaluation
     from difract_ext.cli.sources import load_pipeline, load_prompts
-    from difract_ext.training import run_evaluation
 
     pipe, call, scorer = None, None, None
     if args.model:
@@ -130,19 +111,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         scorer = accuracy_report
     summary = run_evaluation(
-        args.dictionaries, args.data, args.out, pipeline=pipe, call_kwargs=call,
+        args.dictionaries,
+        args.data,
+        args.out,
+        pipeline=pipe,
+        call_kwargs=call,
         splice_prompts=load_prompts(args.splice_prompts) if args.splice_prompts else None,
-        splice_seeds=args.splice_seeds, splice_max_prompts=args.splice_max_prompts,
-        splice_variant=args.splice_variant, score_images=scorer, allow_overlap=args.allow_overlap,
-        batch_size=args.batch_size, dense_threshold=args.dense_threshold, device=args.device,
+        splice_seeds=args.splice_seeds,
+        splice_max_prompts=args.splice_max_prompts,
+        splice_variant=args.splice_variant,
+        score_images=scorer,
+        allow_overlap=args.allow_overlap,
+        batch_size=args.batch_size,
+        dense_threshold=args.dense_threshold,
+        device=args.device,
         progress=not args.no_progress,
     )
     for e in summary.evals:
         m = e.groups["all"]
-        print(f"{e.name}: EV {m['explained_variance']:.4f}  L0 {m['l0']:.2f}  "
-              f"dead {m['dead_fraction']:.1%}  dense {m['dense_fraction']:.1%}")
+        problems = summary.failing.get(e.name)
+        print(
+            f"{e.name}: EV {m['explained_variance']:.4f}  L0 {m['l0']:.2f}  "
+            f"dead {m['dead_fraction']:.1%}  dense {m['dense_fraction']:.1%}  "
+            + ("FAIL: " + "; ".join(problems) if problems else "ok")
+        )
+    if summary.failing:
+        from difract_ext.training.quality import ADVICE
+
+        print(
+            f"WARNING: {len(summary.failing)} of {len(summary.evals)} dictionaries FAIL the "
+            f"quality checks: {', '.join(summary.failing)}; {ADVICE}"
+        )
     for r in summary.splice:
-        print(f"splice {r['spliced']}: latent cosine {r['latent_cosine']:.4f}  mse {r['latent_mse']:.3g}")
+        print(
+            f"splice {r['spliced']}: latent cosine {r['latent_cosine']:.4f}  mse {r['latent_mse']:.3g}"
+        )
     print(f"report: {summary.files['markdown']}")
     return 0
 
@@ -167,16 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("src", metavar="SRC_DIR", help="folder with DifFRACT .pt files")
     conv.add_argument("dst", metavar="DST_DIR", help="output folder (created if absent)")
-    conv.add_argument("--roles", nargs="+", default=["transcoder", "sae"],
-                      choices=["transcoder", "sae"], help="which file prefixes to convert")
-    conv.add_argument("--streams", nargs="+", default=["img", "txt"], choices=["img", "txt"],
-                      help="which streams to convert (img = `ff`, txt = `ff_context`)")
-    conv.add_argument("--model-name", default="black-forest-labs/FLUX.1-schnell",
-                      help="model recorded in the SAELens metadata")
-    conv.add_argument("--norm-atol", type=float, default=1e-4,
-                      help="tolerance of the unit-norm decoder check")
-    conv.add_argument("--no-norm-check", action="store_true",
-                      help="skip the unit-norm decoder check")
+    conv.add_argument(
+        "--roles",
+        nargs="+",
+        default=["transcoder", "sae"],
+        choices=["transcoder", "sae"],
+        help="which file prefixes to convert",
+    )
+    conv.add_argument(
+        "--streams",
+        nargs="+",
+        default=["img", "txt"],
+        choices=["img", "txt"],
+        help="which streams to convert (img = `ff`, txt = `ff_context`)",
+    )
+    conv.add_argument(
+        "--model-name",
+        default="black-forest-labs/FLUX.1-schnell",
+        help="model recorded in the SAELens metadata",
+    )
+    conv.add_argument(
+        "--norm-atol", type=float, default=1e-4, help="tolerance of the unit-norm decoder check"
+    )
+    conv.add_argument(
+        "--no-norm-check", action="store_true", help="skip the unit-norm decoder check"
+    )
     conv.set_defaults(func=_cmd_convert)
 
     demo = sub.add_parser(
@@ -187,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         "colour of the left object and print the command that serves it.",
     )
     demo.add_argument("--out", default="outputs/demo", help="output folder")
-    demo.add_argument("--no-graph", action="store_true", help="only the image grid, no attribution graph")
+    demo.add_argument(
+        "--no-graph", action="store_true", help="only the image grid, no attribution graph"
+    )
     demo.set_defaults(func=_cmd_demo)
     _add_harvest(sub)
     _add_train(sub)
@@ -196,114 +216,327 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_FMT = argparse.ArgumentDefaultsHelpFormatter
+class _FMT(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (their help says where the value comes from)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _add_harvest(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "harvest", help="record FLUX MLP inputs/outputs and timesteps to safetensors shards",
+        "harvest",
+        help="record FLUX MLP inputs/outputs and timesteps to safetensors shards",
         formatter_class=_FMT,
         description=(
             "Generate every prompt once per seed (latent output) and store, for each chosen MLP, "
             "its input (normalised, AdaLN-modulated), its output before the gate and the "
             "transformer's timestep, per token and denoising step, in OUT/shards/*.safetensors "
-            "with a manifest. Interrupting loses no committed shard; --resume continues without "
-            "duplicating rows. Under `accelerate launch` each process takes a share of the work."
+            "with a manifest. Ctrl-C keeps every finished unit (a crash: every committed one, see "
+            "--commit-seconds); --resume continues without duplicating rows. Under "
+            "`accelerate launch` each process takes a share of the work."
         ),
     )
-    p.add_argument("--model", required=True,
-                   help="pipeline: 'shapes' (shipped toy), 'tiny[:SEED]' (random toy), or a FluxPipeline folder / Hub id")
-    p.add_argument("--prompts", required=True,
-                   help="prompt file (one per line) or 'shapes:train' / 'shapes:held_out'")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="pipeline: 'shapes' (shipped toy), 'tiny[:SEED]' (random toy), or a FluxPipeline folder / Hub id",
+    )
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt file (one per line) or 'shapes:train' / 'shapes:held_out'",
+    )
     p.add_argument("--out", required=True, help="harvest folder")
-    p.add_argument("--sites", nargs="+", default=["all"],
-                   help="MLPs: 'all', 'all:img', 'all:txt', or LAYER:STREAM / STREAM_LAYER (e.g. 3:img txt_3)")
+    p.add_argument(
+        "--sites",
+        nargs="+",
+        default=["all"],
+        help="MLPs: 'all', 'all:img', 'all:txt', or sites as STREAM_LAYER (e.g. img_3 txt_3)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="generation seeds per prompt")
-    p.add_argument("--batch-size", type=int, default=8, help="(prompt, seed) units per pipeline call")
-    p.add_argument("--shard-rows", type=int, default=65536,
-                   help="write a shard once a stream has this many rows (bounds host memory)")
-    p.add_argument("--text-padding", choices=["drop", "mask", "keep"], default="drop",
-                   help="T5 padding rows: drop them, keep them flagged in txt.valid, or keep them unflagged")
-    p.add_argument("--subsample", type=int, default=1,
-                   help="keep ceil(n/N) random token positions per unit, step and stream (TIDE: 16)")
-    p.add_argument("--text-subsample", type=int, default=None,
-                   help="the same for text tokens (default: --subsample)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="(prompt, seed) units per pipeline call"
+    )
+    p.add_argument(
+        "--shard-rows",
+        type=int,
+        default=65536,
+        help="write a shard once a stream has this many rows (bounds host memory)",
+    )
+    p.add_argument(
+        "--commit-seconds",
+        type=float,
+        default=60.0,
+        help="also commit the finished units at least this often (a partial shard, merged into "
+        "the full one later), so that a crash loses at most this much work",
+    )
+    p.add_argument(
+        "--text-padding",
+        choices=["drop", "mask", "keep"],
+        default="drop",
+        help="T5 padding rows: drop them, keep them flagged in txt.valid, or keep them unflagged",
+    )
+    p.add_argument(
+        "--subsample",
+        type=int,
+        default=1,
+        help="keep ceil(n/N) random token positions per unit, step and stream (TIDE: 16)",
+    )
+    p.add_argument(
+        "--text-subsample",
+        type=int,
+        default=None,
+        help="the same for text tokens (default: --subsample)",
+    )
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the token subsampling")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                   help="storage dtype of the activations")
-    p.add_argument("--model-dtype", choices=["bfloat16", "float16", "float32"], default="float32",
-                   help="dtype the pipeline runs in")
-    p.add_argument("--model-name", default=None, help="name recorded in the metadata (default: from --model)")
-    p.add_argument("--device", default=None, help="device (default: the accelerate process's device)")
-    p.add_argument("--num-inference-steps", type=int, default=None, help="override the pipeline's default steps")
-    p.add_argument("--guidance-scale", type=float, default=None, help="override the guidance scale")
-    p.add_argument("--height", type=int, default=None, help="override the image height")
-    p.add_argument("--width", type=int, default=None, help="override the image width")
-    p.add_argument("--max-sequence-length", type=int, default=None, help="override the T5 length")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="storage dtype of the activations",
+    )
+    p.add_argument(
+        "--model-dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="float32",
+        help="dtype the pipeline runs in",
+    )
+    p.add_argument(
+        "--model-name", default=None, help="name recorded in the metadata (default: from --model)"
+    )
+    p.add_argument(
+        "--device", default=None, help="device (default: the accelerate process's device)"
+    )
+    own = "(default: the pipeline's own: its difract_call_defaults.json, else diffusers')"
+    p.add_argument(
+        "--num-inference-steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: the pipeline's own; else 4 schnell-style, 28 dev-style)",
+    )
+    p.add_argument("--guidance-scale", type=float, default=None, help=f"guidance scale {own}")
+    p.add_argument("--height", type=int, default=None, help=f"image height {own}; shapes: 32")
+    p.add_argument("--width", type=int, default=None, help=f"image width {own}; shapes: 32")
+    p.add_argument(
+        "--max-sequence-length", type=int, default=None, help=f"T5 length {own}; shapes: 16"
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted harvest in OUT")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_harvest)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from difract_ext.cli.train_job import recipe_values as rv
+
     p = sub.add_parser(
-        "train", help="train conditioned transcoders / SAEs on a harvest", formatter_class=_FMT,
+        "train",
+        help="train conditioned transcoders / SAEs on a harvest",
+        formatter_class=_FMT,
         description=(
             "Train every combination of --sites x --roles x --activation x sparsity level in one "
-            "pass over the harvest (DifFRACT recipe: ReLU + L1, variance-normalised MSE, AdamW, "
-            "cosine schedule, unit-norm decoder rows; TIDE recipe: TopK). Each dictionary is saved "
-            "in SAELens' layout under OUT/{transcoders,saes}/STREAM_LAYER/VARIANT/ with "
-            "metrics.json and training.json; checkpoints in OUT/checkpoint/ allow --resume. Run "
-            "under `accelerate launch` for data-parallel training."
+            "pass over the harvest (ReLU + L1 or TopK, variance-normalised MSE, AdamW, cosine "
+            "schedule, unit-norm decoder rows). Options marked 'recipe' default to the --recipe's "
+            "values. Each dictionary is saved in SAELens' layout under "
+            "OUT/{transcoders,saes}/STREAM_LAYER/VARIANT/ with metrics.json and training.json. At "
+            "the end, every dictionary's explained variance, L0, dead and dense fractions over its "
+            "last training steps are printed, and dictionaries that fail the quality checks "
+            "(EV < 0.5, or most features firing on > 30% of rows) are flagged. Checkpoints in "
+            "OUT/checkpoint/ allow --resume (Ctrl-C writes one); they are removed when the run "
+            "finishes unless --keep-checkpoint. Run under `accelerate launch` for data-parallel "
+            "training."
         ),
     )
     p.add_argument("--data", required=True, help="harvest folder (from `difract harvest`)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--sites", nargs="+", default=["all"], help="'all' (every harvested site) or LAYER:STREAM ...")
-    p.add_argument("--roles", nargs="+", choices=["transcoder", "sae"], default=["transcoder"],
-                   help="transcoder: MLP input -> output; sae: output -> output")
-    p.add_argument("--activation", nargs="+", choices=["relu", "topk"], default=["relu"],
-                   help="relu (DifFRACT, with L1) and/or topk (TIDE)")
-    p.add_argument("--l1-img", nargs="+", type=float, default=[3e-4],
-                   help="L1 coefficients for image-stream ReLU dictionaries (several = a sweep)")
-    p.add_argument("--l1-txt", nargs="+", type=float, default=[5e-5],
-                   help="L1 coefficients for text-stream ReLU dictionaries")
-    p.add_argument("--k", nargs="+", type=int, default=[32], help="k values for TopK dictionaries")
-    p.add_argument("--expansion", type=float, default=16.0, help="d_sae = expansion * d_model")
+    p.add_argument(
+        "--recipe",
+        choices=["auto", "difract", "tide", "shapes"],
+        default="auto",
+        help="defaults of every option marked 'recipe': difract (DifFRACT's published recipe for "
+        "FLUX.1), tide (the same with TopK), shapes (the recipe of the shipped shapes-model "
+        "dictionaries); auto: shapes for a harvest of the shapes model, else difract",
+    )
+    p.add_argument(
+        "--sites",
+        nargs="+",
+        default=["all"],
+        help="'all' (every harvested site) or sites such as img_3 txt_3",
+    )
+    p.add_argument(
+        "--roles",
+        nargs="+",
+        choices=["transcoder", "sae"],
+        default=["transcoder"],
+        help="transcoder: MLP input -> output; sae: output -> output",
+    )
+    p.add_argument(
+        "--activation",
+        nargs="+",
+        choices=["relu", "topk"],
+        default=None,
+        help=f"relu (with L1) and/or topk; recipe: {rv('activation')}",
+    )
+    p.add_argument(
+        "--l1-img",
+        nargs="+",
+        type=float,
+        default=None,
+        help=f"L1 coefficients for image-stream ReLU dictionaries (several = a sweep; SAEs too "
+        f"unless --l1-sae); recipe: {rv('l1')}, with per-site values for shapes (img_0 3e-3)",
+    )
+    p.add_argument(
+        "--l1-txt",
+        nargs="+",
+        type=float,
+        default=None,
+        help="L1 coefficients for text-stream ReLU dictionaries "
+        "(recipe: see --l1-img; shapes txt_0 2e-4)",
+    )
+    p.add_argument(
+        "--l1-sae",
+        nargs="+",
+        type=float,
+        default=None,
+        help=f"L1 coefficients for ReLU SAEs of both streams; recipe: {rv('l1_sae')}",
+    )
+    p.add_argument(
+        "--k",
+        nargs="+",
+        type=int,
+        default=None,
+        help=f"k values for TopK dictionaries; recipe: {rv('k')}",
+    )
+    p.add_argument(
+        "--expansion",
+        type=float,
+        default=None,
+        help=f"d_sae = expansion * d_model for both streams; recipe: {rv('expansion')}",
+    )
     p.add_argument("--d-sae", type=int, default=None, help="explicit width (overrides --expansion)")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
-    p.add_argument("--d-t-embed", type=int, default=256, help="timestep embedding / time-MLP width")
-    p.add_argument("--dead-remedy", choices=["auto", "resample", "auxk", "none"], default="auto",
-                   help="auto: resample (ReLU) / auxiliary dead-latent loss (TopK)")
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per step (global, all processes)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the harvested rows")
-    p.add_argument("--lr-warmup-steps", type=int, default=0, help="linear lr warm-up steps")
-    p.add_argument("--lr-end-fraction", type=float, default=0.0, help="cosine schedule ends at lr * this")
-    p.add_argument("--l1-warmup-steps", type=int, default=0, help="L1 coefficient ramps up over these steps")
+    p.add_argument(
+        "--lr", type=float, default=None, help=f"AdamW learning rate; recipe: {rv('lr')}"
+    )
+    p.add_argument(
+        "--d-t-embed",
+        type=int,
+        default=None,
+        help=f"timestep embedding / time-MLP width; recipe: {rv('d_t_embed')}",
+    )
+    p.add_argument(
+        "--dead-remedy",
+        choices=["auto", "resample", "auxk", "none"],
+        default="auto",
+        help="auto: resample (ReLU) / auxiliary dead-latent loss (TopK)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"rows per step (global, all processes); recipe: {rv('batch_size')}",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"passes over the harvested rows; recipe: {rv('epochs')}",
+    )
+    p.add_argument(
+        "--lr-warmup-steps",
+        type=int,
+        default=None,
+        help=f"linear lr warm-up steps; recipe: {rv('lr_warmup_steps')}",
+    )
+    p.add_argument(
+        "--lr-end-fraction",
+        type=float,
+        default=None,
+        help=f"cosine schedule ends at lr * this; recipe: {rv('lr_end_fraction')}",
+    )
+    p.add_argument(
+        "--l1-warmup-steps",
+        type=int,
+        default=None,
+        help=f"L1 coefficient ramps up over these steps; recipe: {rv('l1_warmup_steps')}",
+    )
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--mix-shards", type=int, default=4, help="shards shuffled together (memory ~ this many)")
+    p.add_argument(
+        "--mix-shards", type=int, default=4, help="shards shuffled together (memory ~ this many)"
+    )
     p.add_argument("--seed", type=int, default=0, help="init, data order and resampling seed")
-    p.add_argument("--dead-window", type=int, default=1000, help="steps without firing after which a feature is dead")
-    p.add_argument("--resample-every", type=int, default=2000, help="steps between resamplings (0: never)")
-    p.add_argument("--resample-until", type=float, default=0.75, help="no resampling after this fraction of training")
-    p.add_argument("--resample-min-rate", type=float, default=0.0,
-                   help="also resample features active on fewer than this fraction of the rows seen since the "
-                        "previous resampling (rare training features are often never active on held-out data; "
-                        "the shapes dictionaries use 2e-4); 0: only features silent for --dead-window steps")
-    p.add_argument("--auxk-coefficient", type=float, default=1 / 32, help="weight of the auxiliary dead-latent loss")
-    p.add_argument("--auxk-k", type=int, default=None, help="dead latents used by that loss (default d_model/2)")
-    p.add_argument("--checkpoint-every-steps", type=int, default=0, help="checkpoint period in steps (0: time only)")
-    p.add_argument("--checkpoint-every-seconds", type=float, default=300.0, help="checkpoint period in seconds")
-    p.add_argument("--stop-after-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    p.add_argument(
+        "--dead-window",
+        type=int,
+        default=None,
+        help=f"steps without firing after which a feature is dead; recipe: {rv('dead_window')}",
+    )
+    p.add_argument(
+        "--resample-every",
+        type=int,
+        default=None,
+        help=f"steps between resamplings (0: never); recipe: {rv('resample_every')}",
+    )
+    p.add_argument(
+        "--resample-until",
+        type=float,
+        default=None,
+        help=f"no resampling after this fraction of training; recipe: {rv('resample_until')}",
+    )
+    p.add_argument(
+        "--resample-min-rate",
+        type=float,
+        default=None,
+        help="also resample features active on fewer than this fraction of the rows seen since the "
+        "previous resampling (rare training features are often never active on held-out data); "
+        f"0: only features silent for --dead-window steps; recipe: {rv('resample_min_rate')}",
+    )
+    p.add_argument(
+        "--auxk-coefficient",
+        type=float,
+        default=1 / 32,
+        help="weight of the auxiliary dead-latent loss",
+    )
+    p.add_argument(
+        "--auxk-k",
+        type=int,
+        default=None,
+        help="dead latents used by that loss (default d_model/2)",
+    )
+    p.add_argument(
+        "--checkpoint-every-steps",
+        type=int,
+        default=0,
+        help="checkpoint period in steps (0: time only)",
+    )
+    p.add_argument(
+        "--checkpoint-every-seconds", type=float, default=300.0, help="checkpoint period in seconds"
+    )
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=None,
+        help="stop (with a checkpoint) after this many steps",
+    )
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint (or load a finished run without training again)",
+    )
+    p.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        help="keep OUT/checkpoint/trainer_state.pt (weights + optimizer state) "
+        "after the run finishes",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_train)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="held-out metrics, sparsity-faithfulness curves, spliced generation",
+        "eval",
+        help="held-out metrics, sparsity-faithfulness curves, spliced generation",
         formatter_class=_FMT,
         description=(
             "Evaluate trained dictionaries on a held-out harvest (prompts disjoint from training): "
@@ -314,27 +547,80 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
             "sparsity_faithfulness.png and splice.json."
         ),
     )
-    p.add_argument("--dictionaries", required=True, help="folder of trained dictionaries (searched recursively)")
+    p.add_argument(
+        "--dictionaries",
+        required=True,
+        help="folder of trained dictionaries (searched recursively)",
+    )
     p.add_argument("--data", required=True, help="held-out harvest folder")
     p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--model", default=None, help="pipeline for spliced generation (as in harvest); omit to skip")
-    p.add_argument("--model-dtype", choices=["bfloat16", "float16", "float32"], default="float32",
-                   help="dtype the pipeline runs in")
-    p.add_argument("--splice-prompts", default=None, help="prompt spec for splicing (default: the held-out harvest's prompts)")
-    p.add_argument("--splice-seeds", nargs="+", type=int, default=[0], help="seeds per splice prompt")
-    p.add_argument("--splice-max-prompts", type=int, default=64, help="at most this many splice prompts")
-    p.add_argument("--splice-variant", default=None, help="transcoder variant to splice per site (default: best EV)")
-    p.add_argument("--adherence", choices=["none", "shapes"], default="none",
-                   help="also score spliced images for prompt adherence (shapes analyzer)")
-    p.add_argument("--allow-overlap", action="store_true", help="do not fail if held-out prompts were trained on")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="pipeline for spliced generation (as in harvest); omit to skip",
+    )
+    p.add_argument(
+        "--model-dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="float32",
+        help="dtype the pipeline runs in",
+    )
+    p.add_argument(
+        "--splice-prompts",
+        default=None,
+        help="prompt spec for splicing (default: the held-out harvest's prompts)",
+    )
+    p.add_argument(
+        "--splice-seeds", nargs="+", type=int, default=[0], help="seeds per splice prompt"
+    )
+    p.add_argument(
+        "--splice-max-prompts", type=int, default=64, help="at most this many splice prompts"
+    )
+    p.add_argument(
+        "--splice-variant",
+        default=None,
+        help="transcoder variant to splice per site (default: best EV)",
+    )
+    p.add_argument(
+        "--adherence",
+        choices=["none", "shapes"],
+        default="none",
+        help="also score spliced images for prompt adherence (shapes analyzer)",
+    )
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="do not fail if held-out prompts were trained on",
+    )
     p.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass")
-    p.add_argument("--dense-threshold", type=float, default=0.1, help="firing rate above which a feature is dense")
+    p.add_argument(
+        "--dense-threshold",
+        type=float,
+        default=0.1,
+        help="firing rate above which a feature is dense",
+    )
     p.add_argument("--device", default="cpu", help="device for dictionaries and pipeline")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_eval)
 
 
+#: What an interrupted command keeps, for commands that can resume.
+_KEPT = {
+    "harvest": "finished units are kept",
+    "train": "training state up to the last finished step is kept in OUT/checkpoint",
+}
+
+
+def interrupted_message(command: str, argv: Sequence[str]) -> str:
+    """The one line ``difract`` prints on Ctrl-C: what was kept and how to go on."""
+    if command not in _KEPT:
+        return f"interrupted; nothing to resume: run `difract {shlex.join(argv)}` again"
+    again = list(argv) if "--resume" in argv else [*argv, "--resume"]
+    return f"interrupted: {_KEPT[command]}; resume with: difract {shlex.join(again)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -345,4 +631,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError) as err:  # HarvestFormatError too
         print(f"difract {args.command}: error: {err}", file=sys.stderr)
         return 2
-
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's exit status for SIGINT
+        print(f"difract {args.command}: {interrupted_message(args.command, argv)}", file=sys.stderr)
+        return 130

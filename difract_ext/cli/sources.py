@@ -2,8 +2,10 @@
 
 Pipeline specs: ``"tiny"`` / ``"tiny:SEED"`` (a random toy FLUX pipeline, for smoke tests),
 ``"shapes"`` (the shipped shapes-world model; ``"shapes:FOLDER"`` for another save of it, with the
-same call defaults) or a diffusers ``FluxPipeline`` folder / Hub id
-(loaded with ``local_files_only`` when ``HF_HUB_OFFLINE=1``).
+same call defaults unless the folder has its own) or a diffusers ``FluxPipeline`` folder / Hub id
+(loaded by :func:`difract_ext.flux.loading.load_pipeline`, ``local_files_only`` when
+``HF_HUB_OFFLINE=1``). Call keywords come from the pipeline itself
+(:func:`difract_ext.flux.defaults.resolve`).
 
 Prompt specs: ``"shapes:train"`` / ``"shapes:held_out"`` (the shapes world's disjoint split, one-
 and two-object prompts) or a text file with one prompt per line (blank lines and ``#`` lines
@@ -12,59 +14,70 @@ skipped).
 
 from __future__ import annotations
 
-import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from difract_ext.capture.format import DTYPES, parse_site_key
-from difract_ext.flux.sites import STREAMS, Site
+from difract_ext.capture.format import DTYPES
+from difract_ext.flux.sites import STREAMS, Site, SiteError, check_stream
+
+_OLD_SITE = re.compile(r"^(?P<layer>[0-9]+):(?P<stream>[a-z]+)$")
+
+SHAPES_MODEL_NAME = "difract-ext/shapes-flux"
+"""Name recorded in metadata for the shipped shapes model."""
 
 
 @dataclass
 class LoadedPipeline:
-    """A pipeline with the call keywords that suit it and the name recorded in metadata."""
+    """A pipeline, its own call keywords (:func:`~difract_ext.flux.defaults.resolve`) and the
+    name recorded in metadata."""
 
     pipe: Any
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     model_name: str = "unknown"
 
 
-def load_pipeline(spec: str, device: str | torch.device = "cpu", dtype: str = "float32") -> LoadedPipeline:
+def load_pipeline(
+    spec: str, device: str | torch.device = "cpu", dtype: str = "float32"
+) -> LoadedPipeline:
     """Resolve a pipeline spec (see module docstring) to a pipeline on ``device``.
 
     Raises:
-        FileNotFoundError: ``"shapes"`` while its weights are not shipped yet.
+        FileNotFoundError: a folder without ``model_index.json``.
     """
+    from difract_ext.flux.defaults import CallDefaults, resolve, set_call_defaults
+    from difract_ext.flux.loading import load_pipeline as load
+
     torch_dtype = DTYPES[dtype]
     if spec == "tiny" or spec.startswith("tiny:"):
         from difract_ext.flux.tiny import TinyFluxConfig, build_tiny_flux_pipeline
 
         seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
         cfg = TinyFluxConfig()
-        pipe = build_tiny_flux_pipeline(cfg, seed=seed).to(device)
-        if torch_dtype != torch.float32:
-            pipe = pipe.to(dtype=torch_dtype)
-        kw = dict(height=32, width=32, num_inference_steps=4, guidance_scale=0.0,
-                  max_sequence_length=cfg.max_sequence_length)
-        return LoadedPipeline(pipe, kw, f"tiny-flux-random-seed{seed}")
-    if spec == "shapes" or spec.startswith("shapes:"):
-        from difract_ext.toy import SHAPES_CALL_DEFAULTS, load_shapes_pipeline
+        pipe = load(build_tiny_flux_pipeline(cfg, seed=seed), device=device, dtype=torch_dtype)
+        tiny_call = CallDefaults(
+            height=32,
+            width=32,
+            num_inference_steps=4,
+            guidance_scale=0.0,
+            max_sequence_length=cfg.max_sequence_length,
+            source="tiny",
+        )
+        set_call_defaults(pipe, tiny_call)
+        name = f"tiny-flux-random-seed{seed}"
+    elif spec == "shapes" or spec.startswith("shapes:"):
+        from difract_ext.toy import load_shapes_pipeline
 
         path = spec.split(":", 1)[1] if ":" in spec else None
         pipe = load_shapes_pipeline(device=device, dtype=torch_dtype, path=path)
-        return LoadedPipeline(pipe, dict(SHAPES_CALL_DEFAULTS), "difract-ext/shapes-flux")
-    from diffusers import FluxPipeline
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    pipe = FluxPipeline.from_pretrained(spec, torch_dtype=torch_dtype, local_files_only=offline).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    schnell = "schnell" in spec.lower()
-    kw = dict(num_inference_steps=4 if schnell else 28, guidance_scale=0.0 if schnell else 3.5,
-              max_sequence_length=256 if schnell else 512)
-    return LoadedPipeline(pipe, kw, spec)
+        name = SHAPES_MODEL_NAME
+    else:
+        pipe = load(spec, device=device, dtype=torch_dtype)
+        name = spec
+    return LoadedPipeline(pipe, resolve(pipe), name)
 
 
 def load_prompts(spec: str) -> list[str]:
@@ -82,7 +95,9 @@ def load_prompts(spec: str) -> list[str]:
         return out
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found (or use shapes:train / shapes:held_out)")
+        raise FileNotFoundError(
+            f"prompt file {path} not found (or use shapes:train / shapes:held_out)"
+        )
     lines = [ln.strip() for ln in path.read_text().splitlines()]
     prompts = [ln for ln in lines if ln and not ln.startswith("#")]
     if not prompts:
@@ -98,14 +113,21 @@ def double_block_sites(transformer: Any, streams: tuple[str, ...] = STREAMS) -> 
 def parse_sites(
     specs: list[str], transformer: Any | None = None, available: list[Site] | None = None
 ) -> list[Site]:
-    """``["0:img", "img_1", "all", "all:txt"]`` -> sites.
+    """``["img_1", "all", "all:txt"]`` -> sites (sorted, without repeats).
 
-    ``all`` means every double-block MLP of ``transformer``, or every site in ``available``.
+    ``all`` means every double-block MLP of ``transformer``, or every site in ``available``;
+    ``all:txt`` (or ``all:img,txt``) only those of the given streams; anything else is a site
+    in its one string form, ``img_3``.
+
+    Raises:
+        SiteError: a spec that is neither, e.g. the old ``3:img`` (the message shows ``img_3``).
+        ValueError: ``all`` without a pipeline or harvest to list the sites.
     """
     out: list[Site] = []
     for spec in specs:
         if spec == "all" or spec.startswith("all:"):
-            streams = tuple(spec.split(":", 1)[1].split(",")) if ":" in spec else STREAMS
+            named = spec.split(":", 1)[1].split(",") if ":" in spec else STREAMS
+            streams = tuple(check_stream(s) for s in named)
             if available is not None:
                 out += [s for s in available if s.stream in streams]
             elif transformer is not None:
@@ -113,5 +135,12 @@ def parse_sites(
             else:
                 raise ValueError("'all' needs a pipeline or a harvest to list the sites")
         else:
-            out.append(parse_site_key(spec))
+            m = _OLD_SITE.match(spec)
+            if m:
+                site = Site(int(m["layer"]), check_stream(m["stream"]))
+                raise SiteError(
+                    f"site {spec!r}: write it as {site} (STREAM_LAYER); "
+                    f"'all' and 'all:{site.stream}' select several"
+                )
+            out.append(Site.parse(spec))
     return sorted(set(out))

@@ -34,7 +34,9 @@ class ActivationSpec:
             if self.k is None or self.k < 1:
                 raise ValueError(f"activation 'topk' needs k >= 1, got k={self.k}")
         elif self.k is not None:
-            raise ValueError(f"k={self.k} is only meaningful for activation 'topk', not {self.kind!r}")
+            raise ValueError(
+                f"k={self.k} is only meaningful for activation 'topk', not {self.kind!r}"
+            )
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:

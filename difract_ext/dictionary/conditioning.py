@@ -213,8 +213,8 @@ class TimestepConditioned:
     def timestep(self, t: TimestepLike) -> Iterator[Any]:
         """Scope a timestep for calls that pass only ``x`` (SAELens' own callers)::
 
-            with transcoder.timestep(0.5):
-                y = transcoder(x)
+        with transcoder.timestep(0.5):
+            y = transcoder(x)
         """
         stack = self._t_stack()
         stack.append(as_timestep_tensor(t))
@@ -271,7 +271,9 @@ class TimestepConditioned:
                 warned.update(new)
                 logger.warning(
                     "%s was trained on t in %s but got t=%s; its features are untested there",
-                    type(self).__name__, list(trained), new,
+                    type(self).__name__,
+                    list(trained),
+                    new,
                 )
 
     # ---- the math ---------------------------------------------------------------------------

@@ -118,7 +118,9 @@ def load_state_dict_safely(path: str | Path, mmap: bool = True) -> dict[str, tor
     except pickle.UnpicklingError as err:
         msg = str(err)
         if "GLOBAL" not in msg:  # no blocked global: the bytes are not a checkpoint at all
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_reason(msg)})") from err
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({_reason(msg)})"
+            ) from err
         first = _reason(msg)
         raise CheckpointError(
             f"{path}: refused to load: the file contains pickled Python code or objects, which "
@@ -134,7 +136,11 @@ def load_state_dict_safely(path: str | Path, mmap: bool = True) -> dict[str, tor
         )
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            hint = " (a nested checkpoint? pass its 'state_dict' entry)" if isinstance(value, dict) else ""
+            hint = (
+                " (a nested checkpoint? pass its 'state_dict' entry)"
+                if isinstance(value, dict)
+                else ""
+            )
             raise CheckpointError(
                 f"{path}: key {key!r} holds a {type(value).__name__}, not a tensor{hint}"
             )
@@ -193,7 +199,9 @@ def validate_difract_state_dict(
                 f"(d_model={dims.d_model}, d_feat={dims.d_feat}, d_t={dims.d_t} read from the biases)"
             )
         if not sd[key].is_floating_point():
-            raise CheckpointError(f"{where}: key {key!r} has dtype {sd[key].dtype}, expected a float")
+            raise CheckpointError(
+                f"{where}: key {key!r} has dtype {sd[key].dtype}, expected a float"
+            )
     dtypes = {sd[k].dtype for k in shapes}
     if len(dtypes) > 1:
         raise CheckpointError(f"{where}: mixed dtypes {sorted(map(str, dtypes))}; expected one")

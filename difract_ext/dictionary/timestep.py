@@ -73,7 +73,9 @@ class TimestepEmbeddingSpec:
             t = t * self.timestep_scale
         # diffusers types max_period as int; an integral float is passed as int so the
         # log is taken of exactly the same number either way.
-        period: Any = int(self.max_period) if float(self.max_period).is_integer() else self.max_period
+        period: Any = (
+            int(self.max_period) if float(self.max_period).is_integer() else self.max_period
+        )
         return get_timestep_embedding(
             t,
             self.dim,

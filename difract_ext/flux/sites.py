@@ -179,13 +179,6 @@ def dictionary_metadata(
     return meta
 
 
-def default_num_inference_steps(pipeline: Any) -> int:
-    """Steps a FLUX pipeline is meant to run: 4 for schnell-style (no guidance embedding,
-    timestep-distilled), 28 for dev-style (guidance-embedded) transformers."""
-    guidance = bool(getattr(pipeline.transformer.config, "guidance_embeds", False))
-    return 28 if guidance else 4
-
-
 def transformer_calls_per_step(call_kwargs: dict[str, Any]) -> int:
     """How often ``FluxPipeline`` calls the transformer per denoising step: 2 under true CFG
     (``true_cfg_scale > 1`` and a negative prompt), else 1."""

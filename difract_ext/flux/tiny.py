@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from difract_ext.flux.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from difract_ext.util.config import config_from_dict, config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -84,23 +91,21 @@ class TinyFluxConfig:
     shift: float = 1.0
     extra: dict = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable view (tuples become lists)."""
-        return asdict(self)
+        return config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TinyFluxConfig":
-        """Inverse of :meth:`to_dict`."""
-        kw = dict(d)
-        for k in ("words", "axes_dims_rope", "vae_block_out_channels", "t5_local_offsets"):
-            if kw.get(k) is not None:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
+    def from_dict(cls, d: dict[str, Any], source: str = "TinyFluxConfig") -> TinyFluxConfig:
+        """Inverse of :meth:`to_dict` (types checked; ``source`` names the file in errors)."""
+        return config_from_dict(cls, d, source)
 
 
 def schnell_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
     """Flow-matching Euler scheduler configured like FLUX.1-schnell (static shift, no dynamic shifting)."""
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False
+    )
 
 
 def _t5_bucket(offset: int, num_buckets: int = 32, max_distance: int = 128) -> int:
@@ -112,7 +117,9 @@ def _t5_bucket(offset: int, num_buckets: int = 32, max_distance: int = 128) -> i
 
 
 @torch.no_grad()
-def set_t5_local_attention(t5: T5EncoderModel, offsets: tuple[int, ...], strength: float = 8.0) -> None:
+def set_t5_local_attention(
+    t5: T5EncoderModel, offsets: tuple[int, ...], strength: float = 8.0
+) -> None:
     """Give each T5 head a fixed local attention pattern (head h looks at offset ``offsets[h]``).
 
     T5 has no absolute positions; its only order signal is the relative-position bias shared by
@@ -133,7 +140,14 @@ def set_t5_local_attention(t5: T5EncoderModel, offsets: tuple[int, ...], strengt
     bias = attn.relative_attention_bias.weight  # [num_buckets, n_heads]
     bias.zero_()
     for h, off in enumerate(offsets):
-        bias[_t5_bucket(off, t5.config.relative_attention_num_buckets, t5.config.relative_attention_max_distance), h] = strength
+        bias[
+            _t5_bucket(
+                off,
+                t5.config.relative_attention_num_buckets,
+                t5.config.relative_attention_max_distance,
+            ),
+            h,
+        ] = strength
 
 
 def build_tiny_flux_pipeline(
@@ -153,13 +167,17 @@ def build_tiny_flux_pipeline(
     """
     cfg = config or TinyFluxConfig()
     if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
-        raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim {cfg.attention_head_dim}")
+        raise ValueError(
+            f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim {cfg.attention_head_dim}"
+        )
     if tokenizer_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
             clip_tok = build_clip_tokenizer(cfg.words, Path(tmp) / "clip", cfg.clip_max_length)
             t5_tok = build_t5_tokenizer(cfg.words, Path(tmp) / "t5", cfg.max_sequence_length)
     else:
-        clip_tok = build_clip_tokenizer(cfg.words, Path(tokenizer_dir) / "clip", cfg.clip_max_length)
+        clip_tok = build_clip_tokenizer(
+            cfg.words, Path(tokenizer_dir) / "clip", cfg.clip_max_length
+        )
         t5_tok = build_t5_tokenizer(cfg.words, Path(tokenizer_dir) / "t5", cfg.max_sequence_length)
 
     gen_state = torch.random.get_rng_state()

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from transformers import CLIPTokenizer, T5TokenizerFast
+
+from difract_ext.util.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +102,9 @@ def _clip_merges(words: list[str]) -> list[tuple[str, str]]:
     raise RuntimeError("could not build a BPE merge list")  # pragma: no cover
 
 
-def build_clip_tokenizer(words: Iterable[str], out_dir: str | Path, max_length: int = 16) -> CLIPTokenizer:
+def build_clip_tokenizer(
+    words: Iterable[str], out_dir: str | Path, max_length: int = 16
+) -> CLIPTokenizer:
     """Write and load a CLIP BPE tokenizer whose vocabulary words are single tokens.
 
     Ids: 0 = ``<|startoftext|>``, 1 = ``<|endoftext|>`` (also the pad token, as in CLIP),
@@ -125,9 +129,9 @@ def build_clip_tokenizer(words: Iterable[str], out_dir: str | Path, max_length: 
     for a, b in merges:
         tokens.append(a + b)
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    (out / "vocab.json").write_text(json.dumps(vocab, indent=0, ensure_ascii=True))
+    atomic_write_bytes(out / "vocab.json", json.dumps(vocab, indent=0, ensure_ascii=True).encode())
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (out / "merges.txt").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out / "merges.txt", ("\n".join(lines) + "\n").encode())
     tok = CLIPTokenizer(
         vocab_file=str(out / "vocab.json"),
         merges_file=str(out / "merges.txt"),
@@ -143,7 +147,9 @@ def build_clip_tokenizer(words: Iterable[str], out_dir: str | Path, max_length: 
     return tok
 
 
-def build_t5_tokenizer(words: Iterable[str], out_dir: str | Path, max_length: int = 16) -> T5TokenizerFast:
+def build_t5_tokenizer(
+    words: Iterable[str], out_dir: str | Path, max_length: int = 16
+) -> T5TokenizerFast:
     """Write and load a word-level T5 tokenizer (``tokenizer.json``) for a closed vocabulary.
 
     Ids: 0 = ``<pad>``, 1 = ``</s>``, 2 = ``<unk>``, then the sorted words. Text is

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from difract_ext.util.atomic import atomic_write_json
 from difract_ext.attribution.graph_meta import GraphMeta
+from difract_ext.graphs.schema import FEATURE_TYPE, validate_slug
+from difract_ext.util.atomic import atomic_write_json
 
 if TYPE_CHECKING:
     from circuit_tracer.graph import Graph
@@ -85,8 +86,6 @@ def write_step_feature_files(
     Returns:
         the written paths.
     """
-    from difract_ext.graphs.files import FEATURE_TYPE, validate_slug
-
     validate_slug(scan)
     folder = Path(out_dir) / "features" / scan
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@
 - error nodes get the fixed ``{layer}_-1_{pos}`` id (circuit-tracer issue #78), and
   unexplored-feature residue nodes (feature id :data:`RESIDUE_FEATURE`) their own
   ``feature_type`` (:data:`RESIDUE_FEATURE_TYPE`) and id ``{layer}_-2_{pos}``;
-- features are labelled by stream, layer and index in their stream's dictionary
-  (``"img L1 #123"``), targets as ``Output "label" (p=w)``, the form the UI parses.
+- features are labelled by their site's string form and their index in its dictionary
+  (``"img_1 #123"``), targets as ``Output "label" (p=w)``, the form the UI parses.
 
 All ids use the *true* position, so they stay stable when pruning changes. The metadata also
 carries the run (prompt, seed, step, timestep, grid) and, when given, the generated image as a
@@ -30,15 +30,24 @@ import fcntl
 import io
 import json
 import logging
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from difract_ext.util.atomic import atomic_write_bytes, atomic_write_json
 from difract_ext.attribution.graph_meta import RESIDUE_FEATURE, GraphMeta
+from difract_ext.flux.sites import Site
+from difract_ext.graphs.features import write_step_feature_files
+from difract_ext.graphs.schema import (
+    ERROR_FEATURE_TYPE,
+    FEATURE_TYPE,
+    GRAPH_METADATA_FILE,
+    RESIDUE_FEATURE_TYPE,
+    TARGET_COLUMN_LABEL,
+    validate_slug,
+)
+from difract_ext.util.atomic import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     from circuit_tracer.frontend.graph_models import Node
@@ -47,34 +56,30 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: ``feature_type`` of unexplored-feature residue nodes (the patched UI draws them as ▲).
-RESIDUE_FEATURE_TYPE = "unexplored feature residue"
-#: ``feature_type`` circuit-tracer uses for transcoder features.
-FEATURE_TYPE = "cross layer transcoder"
-#: ``feature_type`` circuit-tracer uses for error nodes.
-ERROR_FEATURE_TYPE = "mlp reconstruction error"
-#: Label of the extra column that holds the target nodes.
-TARGET_COLUMN_LABEL = "targets"
-#: Name of the index file the frontend reads first.
-GRAPH_METADATA_FILE = "graph-metadata.json"
-
-_SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def validate_slug(slug: str) -> str:
-    """Return ``slug`` if it is a safe file stem (letters, digits, ``._-``), else raise."""
-    if not _SLUG_RE.match(slug) or ".." in slug:
-        raise ValueError(
-            f"slug {slug!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
-            "start with a letter or digit and not contain '..'"
-        )
-    return slug
+__all__ = [  # the frontend's vocabulary lives in graphs.schema and is re-exported here
+    "ERROR_FEATURE_TYPE",
+    "FEATURE_TYPE",
+    "GRAPH_METADATA_FILE",
+    "RESIDUE_FEATURE_TYPE",
+    "TARGET_COLUMN_LABEL",
+    "build_graph_json",
+    "feature_label",
+    "graph_metadata_entry",
+    "image_png_bytes",
+    "read_graph_metadata",
+    "target_label",
+    "title_prefix",
+    "upsert_graph_metadata",
+    "validate_slug",
+    "write_graph_files",
+]
 
 
 def feature_label(meta: GraphMeta, layer: int, feature: int) -> str:
-    """``"img L1 #123"`` / ``"txt L0 #45"`` (index inside its stream's dictionary)."""
+    """``"img_1 #123"`` / ``"txt_0 #45"``: the feature's site (``str(Site(layer, stream))``) and its
+    index inside that site's dictionary."""
     stream = meta.feature_stream(layer, feature)
-    return f"{stream} L{layer} #{meta.stream_feature_index(layer, feature)}"
+    return f"{Site(layer, stream)} #{meta.stream_feature_index(layer, feature)}"
 
 
 def target_label(label: str) -> str:
@@ -336,8 +341,6 @@ def write_graph_files(
     atomic_write_bytes(path, json.dumps(data, separators=(",", ":")).encode())
     upsert_graph_metadata(out, graph_metadata_entry(data["metadata"]))
     if feature_files:
-        from difract_ext.graphs.features import write_step_feature_files
-
         write_step_feature_files(graph, meta, data["nodes"], out, data["metadata"]["scan"])
     logger.info("graph files written: %s", path)
     return path

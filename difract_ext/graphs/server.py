@@ -26,6 +26,7 @@ import logging
 import mimetypes
 import threading
 import urllib.parse
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,8 @@ from typing import Any
 from circuit_tracer.frontend.local_server import CircuitGraphHandler, Server
 from typing_extensions import Self
 
+from difract_ext.graphs.schema import validate_slug
 from difract_ext.util.atomic import atomic_write_json
-from difract_ext.graphs.files import validate_slug
 
 logger = logging.getLogger(__name__)
 
@@ -265,14 +266,23 @@ def serve(
     thread = threading.Thread(target=httpd.serve_forever, name="difract-graph-server", daemon=True)
     thread.start()
     server = GraphServer(httpd, thread)
-    logger.info("serving graphs of %s at %s", data, server.url)
+    logger.debug("serving graphs of %s at %s", data, server.url)
     return server
 
 
-def serve_forever(data_dir: str | Path, port: int = DEFAULT_PORT) -> None:
-    """Blocking variant for ``difract serve DIR``: serve until interrupted (Ctrl-C)."""
+def serve_forever(
+    data_dir: str | Path,
+    port: int = DEFAULT_PORT,
+    ready: Callable[[GraphServer], None] | None = None,
+) -> None:
+    """Blocking variant for ``difract serve DIR``: serve until interrupted (Ctrl-C).
+
+    Announces nothing itself; ``ready(server)`` runs once the server listens (``difract serve``
+    prints its one banner there, with the real URL).
+    """
     server = serve(data_dir, port=port)
-    logger.warning("serving %s at %s (Ctrl-C to stop)", data_dir, server.url)
+    if ready is not None:
+        ready(server)
     try:
         server.server_thread.join()
     except KeyboardInterrupt:

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from difract_ext.capture.format import site_key
 from difract_ext.flux.sites import Site
 from difract_ext.intervene.splice import TranscoderSite, spliced
 
@@ -28,7 +27,9 @@ ImageScorer = Callable[[list[np.ndarray], list[str]], dict[str, float]]
 
 
 @contextlib.contextmanager
-def splice_transcoders(transformer: torch.nn.Module, transcoders: Mapping[Site, Any]) -> Iterator[None]:
+def splice_transcoders(
+    transformer: torch.nn.Module, transcoders: Mapping[Site, Any]
+) -> Iterator[None]:
     """Replace ``site``'s MLP output by ``transcoders[site](mlp_input, t)`` while active.
 
     Args:
@@ -42,8 +43,12 @@ def splice_transcoders(transformer: torch.nn.Module, transcoders: Mapping[Site, 
 
 @torch.no_grad()
 def generate_latents(
-    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], call_kwargs: Mapping[str, Any],
-    batch_size: int = 16, images: bool = False,
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    call_kwargs: Mapping[str, Any],
+    batch_size: int = 16,
+    images: bool = False,
 ) -> tuple[torch.Tensor, list[np.ndarray] | None]:
     """Final latents ``[N, ...]`` (float32, CPU) and, if ``images``, the decoded images.
 
@@ -52,7 +57,7 @@ def generate_latents(
     """
     lat, ims = [], []
     for lo in range(0, len(prompts), batch_size):
-        ps, ss = list(prompts[lo:lo + batch_size]), list(seeds[lo:lo + batch_size])
+        ps, ss = list(prompts[lo : lo + batch_size]), list(seeds[lo : lo + batch_size])
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in ss]
         box: dict[str, torch.Tensor] = {}
 
@@ -60,9 +65,14 @@ def generate_latents(
             box["latents"] = kw["latents"]
             return kw
 
-        out = pipe(prompt=ps, generator=gens, output_type="np" if images else "latent",
-                   callback_on_step_end=grab, callback_on_step_end_tensor_inputs=["latents"],
-                   **call_kwargs)
+        out = pipe(
+            prompt=ps,
+            generator=gens,
+            output_type="np" if images else "latent",
+            callback_on_step_end=grab,
+            callback_on_step_end_tensor_inputs=["latents"],
+            **call_kwargs,
+        )
         lat.append(box["latents"].detach().float().cpu())
         if images:
             ims += [np.asarray(im, dtype=np.float32) for im in out.images]
@@ -74,8 +84,12 @@ def _compare(base: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
     cos = torch.nn.functional.cosine_similarity(b, o, dim=-1)
     mse = (b - o).pow(2).mean(-1)
     rel = (b - o).pow(2).sum(-1) / b.pow(2).sum(-1).clamp(min=1e-12)
-    return {"latent_cosine": float(cos.mean()), "latent_cosine_min": float(cos.min()),
-            "latent_mse": float(mse.mean()), "latent_rel_error": float(rel.mean())}
+    return {
+        "latent_cosine": float(cos.mean()),
+        "latent_cosine_min": float(cos.min()),
+        "latent_mse": float(mse.mean()),
+        "latent_rel_error": float(rel.mean()),
+    }
 
 
 def spliced_generation(
@@ -108,10 +122,12 @@ def spliced_generation(
     rows: list[dict[str, Any]] = [{"spliced": "none", **_compare(base, base)}]
     if images:
         assert base_ims is not None and score_images is not None
-        rows[0].update({f"adherence/{k}": v for k, v in score_images(base_ims, list(prompts)).items()})
+        rows[0].update(
+            {f"adherence/{k}": v for k, v in score_images(base_ims, list(prompts)).items()}
+        )
     configs: list[tuple[str, dict[Site, Any]]] = []
     if single:
-        configs += [(site_key(s), {s: tc}) for s, tc in sorted(transcoders.items())]
+        configs += [(str(s), {s: tc}) for s, tc in sorted(transcoders.items())]
     if all_sites and (len(transcoders) > 1 or not single):
         configs.append((f"all ({len(transcoders)})", dict(transcoders)))
     for label, chosen in tqdm(configs, desc="splice", unit="config", disable=not progress):
@@ -122,7 +138,12 @@ def spliced_generation(
             assert ims is not None and score_images is not None
             row.update({f"adherence/{k}": v for k, v in score_images(ims, list(prompts)).items()})
         rows.append(row)
-        logger.info("splice %s: latent cosine %.4f, mse %.3g", label, row["latent_cosine"], row["latent_mse"])
+        logger.info(
+            "splice %s: latent cosine %.4f, mse %.3g",
+            label,
+            row["latent_cosine"],
+            row["latent_mse"],
+        )
     return rows
 
 

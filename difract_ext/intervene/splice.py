@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from difract_ext.flux.roles import check_transcoder
 from difract_ext.flux.sites import Site, SiteError
 
 SpliceMode = Literal["delta", "replace"]
@@ -50,12 +51,21 @@ class TranscoderSite(nn.Module):
     computed only in ``replace`` mode).
     """
 
-    def __init__(self, dictionary: nn.Module, site: Site, mode: SpliceMode = "delta", keep_error: bool = False):
+    def __init__(
+        self,
+        dictionary: nn.Module,
+        site: Site,
+        mode: SpliceMode = "delta",
+        keep_error: bool = False,
+    ):
         super().__init__()
         if mode not in ("delta", "replace"):
             raise ValueError(f"mode must be 'delta' or 'replace', got {mode!r}")
         if mode == "delta" and keep_error:
-            raise ValueError("keep_error only applies to mode='replace' (delta mode always keeps y)")
+            raise ValueError(
+                "keep_error only applies to mode='replace' (delta mode always keeps y)"
+            )
+        check_transcoder(site, dictionary, "splicing (TranscoderSite)")
         self.dictionary = dictionary
         self.features = nn.Identity()
         self.reconstruction = nn.Identity()
@@ -90,10 +100,18 @@ def make_site_hook(site: TranscoderSite, box: TimestepBox) -> Any:
     return hook
 
 
-def check_dictionary_fits(transformer: nn.Module, site: Site, dictionary: Any) -> None:
-    """Raise :class:`SiteError` if ``site`` is not in ``transformer`` or the widths differ."""
+def check_dictionary_fits(
+    transformer: nn.Module,
+    site: Site,
+    dictionary: Any,
+    where: str = "splicing (attach_transcoders, splice_transcoders)",
+) -> None:
+    """Raise :class:`SiteError` if ``site`` is not in ``transformer``, the widths differ, the
+    dictionary is not a transcoder (:class:`~difract_ext.flux.roles.DictionaryRoleError`) or its
+    metadata names another site (:class:`~difract_ext.flux.roles.DictionarySiteError`)."""
     n = len(transformer.transformer_blocks)
     site.check_in(n)
+    check_transcoder(site, dictionary, where)
     width = int(transformer.config.num_attention_heads * transformer.config.attention_head_dim)
     cfg = dictionary.cfg
     d_out = getattr(cfg, "d_out", cfg.d_in)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from difract_ext.flux.roles import check_transcoder
 from difract_ext.flux.sites import Site
 
 
@@ -73,11 +74,16 @@ def step_components(
         t: the step's timestep.
         n_txt: number of text positions.
         n_double: number of double-stream blocks (the first layers).
+
+    Raises:
+        DictionaryRoleError: a dictionary is not a transcoder (e.g. an SAE).
+        DictionarySiteError: a dictionary's metadata names another site than its key.
     """
     n_layers, n_pos, d = mlp_in.shape
     d_img = {layer: 0 for layer in range(n_double)}
     d_txt = {layer: 0 for layer in range(n_double)}
     for site, dic in dictionaries.items():
+        check_transcoder(site, dic, "attribution (attribute_step)")
         if site.layer >= n_double:
             raise ValueError(f"{site}: transcoders are only supported on double-stream blocks")
         (d_img if site.stream == "img" else d_txt)[site.layer] = int(dic.cfg.d_sae)
@@ -108,9 +114,17 @@ def step_components(
         values = torch.cat(vals)
         enc, dec, pre_all = torch.cat(enc_rows), torch.cat(dec_rows), torch.cat(pres)
         key = indices[0] * (n_pos * d_tc) + indices[1] * d_tc + indices[2]
-        if not bool((key[1:] > key[:-1]).all()):  # sparse COO order (already so for text-first sites)
+        if not bool(
+            (key[1:] > key[:-1]).all()
+        ):  # sparse COO order (already so for text-first sites)
             order = torch.argsort(key)
-            indices, values, enc, dec, pre_all = indices[:, order], values[order], enc[order], dec[order], pre_all[order]
+            indices, values, enc, dec, pre_all = (
+                indices[:, order],
+                values[order],
+                enc[order],
+                dec[order],
+                pre_all[order],
+            )
         enc, dec = enc.to(mlp_in.dtype), dec.to(mlp_in.dtype)
     else:
         indices = torch.zeros(3, 0, dtype=torch.long)

@@ -144,7 +144,8 @@ class FrozenFlux(HookedRootModule):
             txt = block.norm1_context.linear(block.norm1_context.silu(temb)).chunk(6, dim=1)
             self._double_mod.append((img, txt))
         self._single_mod = [
-            block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1) for block in tf.single_transformer_blocks
+            block.norm.linear(block.norm.silu(temb)).chunk(3, dim=1)
+            for block in tf.single_transformer_blocks
         ]
         emb = tf.norm_out.linear(tf.norm_out.silu(temb).to(dtype))
         self._out_scale, self._out_shift = torch.chunk(emb, 2, dim=1)
@@ -194,7 +195,9 @@ class FrozenFlux(HookedRootModule):
             # the pattern is a constant of the step: one [1, H, S, S] softmax, shared by the batch
             q, k = self._taped(None), self._taped(None)
             scale = q.shape[-1] ** -0.5
-            probs = torch.softmax(torch.einsum("qhd,khd->hqk", q[0], k[0]) * scale, dim=-1).to(v.dtype)
+            probs = torch.softmax(torch.einsum("qhd,khd->hqk", q[0], k[0]) * scale, dim=-1).to(
+                v.dtype
+            )
             b, n, h, d = v.shape  # one [S, S] @ [S, B * D] product per head, forward and backward
             out = torch.bmm(probs, v.permute(2, 1, 0, 3).reshape(h, n, b * d))
             out = out.view(h, n, b, d).permute(2, 1, 0, 3)  # [B, S, H, D]
@@ -213,13 +216,19 @@ class FrozenFlux(HookedRootModule):
                 q, k = self._taped(q), self._taped(k)
             proc = attn.processor
             out = dispatch_attention_fn(
-                q, k, v, attn_mask=None, backend=getattr(proc, "_attention_backend", None),
+                q,
+                k,
+                v,
+                attn_mask=None,
+                backend=getattr(proc, "_attention_backend", None),
                 parallel_config=getattr(proc, "_parallel_config", None),
             )
         out = out.flatten(2, 3).to(v.dtype)
         if x_txt is None:
             return out, None
-        out_txt, out_img = out.split_with_sizes([x_txt.shape[1], out.shape[1] - x_txt.shape[1]], dim=1)
+        out_txt, out_img = out.split_with_sizes(
+            [x_txt.shape[1], out.shape[1] - x_txt.shape[1]], dim=1
+        )
         out_img = attn.to_out[1](attn.to_out[0](out_img.contiguous()))
         return out_img, attn.to_add_out(out_txt.contiguous())
 
@@ -237,23 +246,39 @@ class FrozenFlux(HookedRootModule):
         return _Constant.apply(y.detach(), x) if self._active() else y
 
     # ---- blocks ---------------------------------------------------------------------------------
-    def _double(self, layer: int, block: Any, txt: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), (
-            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp
+    def _double(
+        self, layer: int, block: Any, txt: torch.Tensor, img: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        (
+            (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp),
+            (c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp),
         ) = self._double_mod[layer]
         n_img = self._ln(block.norm1.norm, img) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        n_txt = self._ln(block.norm1_context.norm, txt) * (1 + c_scale_msa[:, None]) + c_shift_msa[:, None]
+        n_txt = (
+            self._ln(block.norm1_context.norm, txt) * (1 + c_scale_msa[:, None])
+            + c_shift_msa[:, None]
+        )
         attn_img, attn_txt = self._attention(block.attn, n_img, n_txt)
         img = img + gate_msa.unsqueeze(1) * attn_img
         txt = txt + c_gate_msa.unsqueeze(1) * attn_txt
         m_img = self._ln(block.norm2, img) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        m_txt = self._ln(block.norm2_context, txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        m_txt = (
+            self._ln(block.norm2_context, txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        )
         hooks = self.blocks[layer].mlp
         x = hooks.hook_in(torch.cat([m_txt, m_img], dim=1))
-        m_txt, m_img = x.split_with_sizes([self.n_txt, self.n_img], dim=1)  # backward: one cat, no zero-fill
-        y = None if self._mode == "replay" else torch.cat([block.ff_context(m_txt), block.ff(m_img)], dim=1)
+        m_txt, m_img = x.split_with_sizes(
+            [self.n_txt, self.n_img], dim=1
+        )  # backward: one cat, no zero-fill
+        y = (
+            None
+            if self._mode == "replay"
+            else torch.cat([block.ff_context(m_txt), block.ff(m_img)], dim=1)
+        )
         y = hooks.hook_out(self._mlp_out(layer, y, x))
-        y_txt, y_img = y.split_with_sizes([self.n_txt, self.n_img], dim=1)  # split: one cat in backward
+        y_txt, y_img = y.split_with_sizes(
+            [self.n_txt, self.n_img], dim=1
+        )  # split: one cat in backward
         img = img + gate_mlp.unsqueeze(1) * y_img
         txt = txt + c_gate_mlp.unsqueeze(1) * y_txt
         return txt, img
@@ -294,7 +319,10 @@ class FrozenFlux(HookedRootModule):
         h = torch.cat([txt, img], dim=1)
         for j, block in enumerate(self.flux.single_transformer_blocks):
             h = self._single(self.n_double + j, block, h)
-        normed = self._ln(self.flux.norm_out.norm, h) * (1 + self._out_scale)[:, None, :] + self._out_shift[:, None, :]
+        normed = (
+            self._ln(self.flux.norm_out.norm, h) * (1 + self._out_scale)[:, None, :]
+            + self._out_shift[:, None, :]
+        )
         normed = self.unembed.hook_pre(normed)
         return self.flux.proj_out(normed[:, self.n_txt :])
 
@@ -309,9 +337,21 @@ class FrozenFlux(HookedRootModule):
         cache: dict[str, list[torch.Tensor]] = {"mlp_in": [], "mlp_out": []}
         fwd = [("hook_embed", lambda t, hook: cache.__setitem__("embed", t[0].clone()))]
         for layer in range(self.n_layers):
-            fwd.append((f"blocks.{layer}.mlp.hook_in", lambda t, hook: cache["mlp_in"].append(t[0].clone())))
-            fwd.append((f"blocks.{layer}.mlp.hook_out", lambda t, hook: cache["mlp_out"].append(t[0].clone())))
-        fwd.append(("unembed.hook_pre", lambda t, hook: cache.__setitem__("resid_final", t[0].clone())))
+            fwd.append(
+                (
+                    f"blocks.{layer}.mlp.hook_in",
+                    lambda t, hook: cache["mlp_in"].append(t[0].clone()),
+                )
+            )
+            fwd.append(
+                (
+                    f"blocks.{layer}.mlp.hook_out",
+                    lambda t, hook: cache["mlp_out"].append(t[0].clone()),
+                )
+            )
+        fwd.append(
+            ("unembed.hook_pre", lambda t, hook: cache.__setitem__("resid_final", t[0].clone()))
+        )
         self._tape, self._mode = [], "record"
         try:
             with self.hooks(fwd_hooks=fwd):
@@ -361,8 +401,10 @@ class FrozenFlux(HookedRootModule):
         if not self._tape:
             raise RuntimeError("call record() on the clean step before replay()")
         cache: dict[str, list[torch.Tensor]] = {"mlp_in": []}
-        fwd = [(f"blocks.{layer}.mlp.hook_in", lambda t, hook: cache["mlp_in"].append(t))
-               for layer in range(self.n_layers)]
+        fwd = [
+            (f"blocks.{layer}.mlp.hook_in", lambda t, hook: cache["mlp_in"].append(t))
+            for layer in range(self.n_layers)
+        ]
         fwd.append(("unembed.hook_pre", lambda t, hook: cache.__setitem__("resid_final", [t])))
         self._mode, self._cursor, self._mlp_override = "replay", 0, mlp_out
         try:

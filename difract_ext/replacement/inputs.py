@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from difract_ext.flux.defaults import resolve
+
 
 class _Stop(Exception):
     pass
@@ -76,7 +78,9 @@ class FluxStepInput:
 def text_token_labels(pipeline: Any, prompt: str, max_sequence_length: int) -> list[str]:
     """The T5 tokens of ``prompt`` padded as ``FluxPipeline`` pads them (one label per position)."""
     tok = pipeline.tokenizer_2
-    ids = tok(prompt, padding="max_length", max_length=max_sequence_length, truncation=True)["input_ids"]
+    ids = tok(prompt, padding="max_length", max_length=max_sequence_length, truncation=True)[
+        "input_ids"
+    ]
     return [t.replace("\u2581", "") or t for t in tok.convert_ids_to_tokens(ids)]
 
 
@@ -86,7 +90,7 @@ def capture_step_input(
     prompt: str,
     step: int,
     seed: int = 0,
-    num_inference_steps: int = 4,
+    num_inference_steps: int | None = None,
     finish: bool = False,
     **call: Any,
 ) -> FluxStepInput:
@@ -97,23 +101,38 @@ def capture_step_input(
         prompt: one prompt (graphs are per prompt and seed).
         step: 0-based step index, ``< num_inference_steps``.
         seed: generator seed, as in ``FluxModel.trace(seed=...)``.
+        num_inference_steps: steps of the run (default: the pipeline's own).
         finish: run to the end and keep the decoded images (``output_type="np"``) in
             ``.images``; otherwise stop right after the captured step.
-        **call: other pipeline arguments (``height``, ``width``, ``max_sequence_length``...).
+        **call: other pipeline arguments (``height``, ``width``, ``max_sequence_length``...);
+            those not given are the pipeline's own (:func:`difract_ext.flux.defaults.resolve`:
+            32 px and 16 tokens for the shapes model).
 
     Raises:
         ValueError: ``step`` out of range, or a batch of prompts.
+
+    Warns:
+        TrainedRangeWarning: a size or T5 length outside the range the pipeline was trained at.
     """
     if not isinstance(prompt, str):
-        raise ValueError("capture_step_input takes one prompt (a str); graphs are per prompt and seed")
+        raise ValueError(
+            "capture_step_input takes one prompt (a str); graphs are per prompt and seed"
+        )
+    call = resolve(pipeline, num_inference_steps=num_inference_steps, **call)
+    num_inference_steps = int(call.pop("num_inference_steps"))
     if not 0 <= step < num_inference_steps:
-        raise ValueError(f"step {step} out of range: the run has {num_inference_steps} steps (0..{num_inference_steps - 1})")
+        raise ValueError(
+            f"step {step} out of range: the run has {num_inference_steps} steps (0..{num_inference_steps - 1})"
+        )
     tf = pipeline.transformer
     seen: dict[str, Any] = {"calls": 0}
 
     def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if seen["calls"] == step:
-            seen["kwargs"] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+            seen["kwargs"] = {
+                k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in kwargs.items()
+            }
 
     def post(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         if seen["calls"] == step:
@@ -126,9 +145,13 @@ def capture_step_input(
     h2 = tf.register_forward_hook(post, with_kwargs=True)
     result = None
     try:
-        result = pipeline(prompt, num_inference_steps=num_inference_steps,
-                          output_type="np" if finish else "latent",
-                          generator=torch.Generator(pipeline.device).manual_seed(seed), **call)
+        result = pipeline(
+            prompt,
+            num_inference_steps=num_inference_steps,
+            output_type="np" if finish else "latent",
+            generator=torch.Generator(pipeline.device).manual_seed(seed),
+            **call,
+        )
     except _Stop:
         pass
     finally:

@@ -63,9 +63,7 @@ class TargetSpec:
         return self.functional(mlp_in, resid_final) + self.offset
 
 
-def patch_positions(
-    patches: Any, grid: tuple[int, int], n_txt: int
-) -> torch.Tensor:
+def patch_positions(patches: Any, grid: tuple[int, int], n_txt: int) -> torch.Tensor:
     """Joint positions of image patches.
 
     Args:
@@ -76,11 +74,15 @@ def patch_positions(
     rows, cols = grid
     if isinstance(patches, str):
         if patches != "all":
-            raise ValueError(f"patches must be 'all', a [rows, cols] mask or (row, col) pairs, got {patches!r}")
+            raise ValueError(
+                f"patches must be 'all', a [rows, cols] mask or (row, col) pairs, got {patches!r}"
+            )
         flat = torch.arange(rows * cols)
     elif isinstance(patches, torch.Tensor) and patches.dtype == torch.bool:
         if tuple(patches.shape) != (rows, cols):
-            raise ValueError(f"patch mask has shape {list(patches.shape)}, expected [{rows}, {cols}]")
+            raise ValueError(
+                f"patch mask has shape {list(patches.shape)}, expected [{rows}, {cols}]"
+            )
         flat = torch.nonzero(patches.reshape(-1), as_tuple=True)[0]
     else:
         pairs = [(int(r), int(c)) for r, c in patches]
@@ -119,7 +121,9 @@ def output_target(
     if u.ndim == 1:
         u = u.expand(pos.numel(), -1)
     if tuple(u.shape) != (pos.numel(), c_out):
-        raise ValueError(f"direction has shape {list(direction.shape)}; expected [{c_out}] or [{pos.numel()}, {c_out}]")
+        raise ValueError(
+            f"direction has shape {list(direction.shape)}; expected [{c_out}] or [{pos.numel()}, {c_out}]"
+        )
     scale = 1.0 if kind == "velocity" else -step.t
     vecs = scale * (u @ proj.weight)  # [k, d]: ∂(u·proj(h))/∂h, times -t for x0
     offset = scale * float((u * proj.bias.detach()).sum()) if proj.bias is not None else 0.0
@@ -132,7 +136,11 @@ def output_target(
         injections=[(frozen.n_layers, pos, vecs.detach())],
         offset=offset,
         kind=kind,
-        info={"patches": (pos - frozen.n_txt).tolist(), "direction": u.detach().clone(), "scale": scale},
+        info={
+            "patches": (pos - frozen.n_txt).tolist(),
+            "direction": u.detach().clone(),
+            "scale": scale,
+        },
     )
 
 
@@ -157,7 +165,11 @@ def feature_target(
         raise ValueError(f"feature {feature} outside 0..{dic.cfg.d_sae - 1} of {site}")
     n_txt, n_pos = frozen.n_txt, frozen.n_txt + frozen.n_img
     lo, hi = (0, n_txt) if site.stream == "txt" else (n_txt, n_pos)
-    pos = torch.arange(lo, hi) if positions is None else torch.tensor(list(positions), dtype=torch.long)
+    pos = (
+        torch.arange(lo, hi)
+        if positions is None
+        else torch.tensor(list(positions), dtype=torch.long)
+    )
     if pos.numel() == 0 or bool(((pos < lo) | (pos >= hi)).any()):
         raise ValueError(f"positions must be {site.stream} positions in {lo}..{hi - 1}")
     folded = dic.fold(frozen.step_input.t)

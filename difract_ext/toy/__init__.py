@@ -4,7 +4,8 @@
 below are imported lazily (on first attribute access) so importing the world stays torch-free.
 
 * :func:`load_shapes_pipeline` — the shipped ``FluxPipeline`` (offline).
-* :data:`SHAPES_CALL_DEFAULTS` — the call keywords (32×32, 4 steps, no guidance, 16 tokens).
+* :data:`SHAPES_CALL_DEFAULTS` — the call keywords (32×32, 4 steps, no guidance, 16 tokens);
+  :func:`shapes_call_defaults` — the same with the trained range, as the folder records them.
 * :func:`shapes_pipeline_path` — the folder of the shipped weights.
 * :func:`shapes_dictionaries_path` — the folder of the shipped dictionaries (load them with
   :func:`difract_ext.load_shapes_dictionaries`, keyed ``Site``).
@@ -18,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from difract_ext.toy.pipeline import (
         SHAPES_CALL_DEFAULTS,
         load_shapes_pipeline,
+        shapes_call_defaults,
         shapes_dictionaries_path,
         shapes_pipeline_path,
     )
@@ -25,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "SHAPES_CALL_DEFAULTS",
     "load_shapes_pipeline",
+    "shapes_call_defaults",
     "shapes_dictionaries_path",
     "shapes_pipeline_path",
 ]

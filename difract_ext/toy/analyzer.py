@@ -126,9 +126,7 @@ def _components(classes: np.ndarray) -> np.ndarray:
     fg = classes >= 0
     ids = np.where(fg, np.arange(big).reshape(h, w), big)
     cls_pad = np.pad(classes, 1, constant_values=-1)
-    same = [
-        cls_pad[1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] == classes for dr, dc in _NEIGHBOURS
-    ]
+    same = [cls_pad[1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] == classes for dr, dc in _NEIGHBOURS]
     while True:
         ids_pad = np.pad(ids, 1, constant_values=big)
         new = ids.copy()

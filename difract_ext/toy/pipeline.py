@@ -5,8 +5,12 @@ a ``FluxTransformer2DModel`` with 4 double-stream and 2 single-stream blocks (4 
 ~3.0 M parameters), a 2-level ``AutoencoderKL`` (32×32 RGB ↔ 4×16×16 latents, so 8×8 = 64
 packed image tokens of 16 channels), a frozen random ``CLIPTextModel`` (pooled 64-d) and
 ``T5EncoderModel`` (64-d states, 16 tokens) with locally built word-level tokenizers, and a
-schnell-style flow-matching Euler scheduler. Call it with :data:`SHAPES_CALL_DEFAULTS`
-(4 steps, no guidance): the transformer then receives ``timestep`` = 1.0, 0.75, 0.5, 0.25.
+schnell-style flow-matching Euler scheduler. It is meant to run at :func:`shapes_call_defaults`
+(32×32 px, 16 T5 tokens, 4 steps, no guidance; the transformer then receives ``timestep`` = 1.0,
+0.75, 0.5, 0.25). Its folder records them in ``difract_call_defaults.json``, so
+``FluxModel.trace``, ``capture_step_input`` and the CLI use them when the caller does not
+override; a plain ``pipe(...)`` call needs them passed (:data:`SHAPES_CALL_DEFAULTS`, or
+``**resolve(pipe)`` from :mod:`difract_ext.flux.defaults`).
 
 Example::
 
@@ -19,13 +23,14 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import FluxPipeline
 
+from difract_ext.flux.defaults import CallDefaults, read_call_defaults, resolve, set_call_defaults
+from difract_ext.flux.loading import load_pipeline
 from difract_ext.flux.tiny import TinyFluxConfig, build_tiny_flux_pipeline
 
 logger = logging.getLogger(__name__)
@@ -36,6 +41,7 @@ __all__ = [
     "build_shapes_pipeline",
     "generate_images",
     "load_shapes_pipeline",
+    "shapes_call_defaults",
     "shapes_config",
     "shapes_pipeline_path",
     "shapes_vocabulary",
@@ -44,10 +50,29 @@ __all__ = [
 SHAPES_MAX_SEQUENCE_LENGTH = 16
 """T5 tokens per prompt: the longest prompt has 13 words + ``</s>``."""
 
-SHAPES_CALL_DEFAULTS: dict = dict(
-    height=32, width=32, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=SHAPES_MAX_SEQUENCE_LENGTH
-)
-"""Keyword arguments to pass to the shapes pipeline's ``__call__`` (schnell-style sampling)."""
+SHAPES_IMAGE_SIZE = 32
+"""Side in pixels of every training image (``toy.world.render``'s default)."""
+
+
+def shapes_call_defaults() -> CallDefaults:
+    """What the shapes model was trained at and runs at: 32×32 px, 16 T5 tokens, 4 Euler steps,
+    no guidance. ``export_pipeline`` writes it into the folder (``difract_call_defaults.json``)."""
+    size = SHAPES_IMAGE_SIZE
+    return CallDefaults(
+        height=size,
+        width=size,
+        num_inference_steps=4,
+        guidance_scale=0.0,
+        max_sequence_length=SHAPES_MAX_SEQUENCE_LENGTH,
+        trained_heights=(size,),
+        trained_widths=(size,),
+        trained_max_sequence_lengths=(SHAPES_MAX_SEQUENCE_LENGTH,),
+    )
+
+
+SHAPES_CALL_DEFAULTS: dict = shapes_call_defaults().call_kwargs()
+"""Keyword arguments to pass to the shapes pipeline's ``__call__`` (schnell-style sampling);
+the same values its folder records (``difract_call_defaults.json``)."""
 
 
 def shapes_vocabulary() -> tuple[str, ...]:
@@ -103,9 +128,15 @@ def shapes_config(t5_local_strength: float = SHAPES_T5_LOCAL_STRENGTH) -> TinyFl
     )
 
 
-def build_shapes_pipeline(seed: int = 0, t5_local_strength: float = SHAPES_T5_LOCAL_STRENGTH) -> FluxPipeline:
-    """The shapes model with random weights (the starting point of training)."""
-    return build_tiny_flux_pipeline(shapes_config(t5_local_strength), seed=seed)
+def build_shapes_pipeline(
+    seed: int = 0, t5_local_strength: float = SHAPES_T5_LOCAL_STRENGTH
+) -> FluxPipeline:
+    """The shapes model with random weights (the starting point of training), carrying
+    :func:`shapes_call_defaults` (``save_pretrained`` does not store them: see
+    :func:`~difract_ext.flux.defaults.write_call_defaults`)."""
+    pipe = build_tiny_flux_pipeline(shapes_config(t5_local_strength), seed=seed)
+    set_call_defaults(pipe, shapes_call_defaults())
+    return pipe
 
 
 def shapes_pipeline_path() -> Path:
@@ -114,7 +145,9 @@ def shapes_pipeline_path() -> Path:
 
 
 def load_shapes_pipeline(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | Path | None = None
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    path: str | Path | None = None,
 ) -> FluxPipeline:
     """Load the shipped shapes pipeline offline.
 
@@ -124,20 +157,17 @@ def load_shapes_pipeline(
         path: another ``save_pretrained`` folder (default: :func:`shapes_pipeline_path`).
 
     Returns:
-        a ``FluxPipeline`` with the progress bar disabled; call it with
+        a ``FluxPipeline`` with the progress bar disabled and its call defaults attached (the
+        folder's own, else :func:`shapes_call_defaults`); a plain call still needs
         ``**SHAPES_CALL_DEFAULTS``.
 
     Raises:
         FileNotFoundError: if the folder has no ``model_index.json``.
     """
     folder = Path(path) if path is not None else shapes_pipeline_path()
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"no FluxPipeline at {folder} (missing model_index.json)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pipe = FluxPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    defaults = read_call_defaults(folder) if folder.is_dir() else None
+    defaults = defaults or shapes_call_defaults()
+    return load_pipeline(folder, device=device, dtype=dtype, defaults=defaults)
 
 
 @torch.no_grad()
@@ -147,14 +177,15 @@ def generate_images(
     """Generate one image per (prompt, seed) with the pipeline's own sampling loop.
 
     Each image uses its own ``torch.Generator().manual_seed(seed)`` so results do not depend on
-    batching. Keyword arguments override :data:`SHAPES_CALL_DEFAULTS`.
+    batching. Keyword arguments override the pipeline's call defaults (:data:`SHAPES_CALL_DEFAULTS`
+    for the shapes model).
 
     Returns:
         float32 ``[N, H, W, 3]`` in [0, 1].
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    kw = {**SHAPES_CALL_DEFAULTS, **call_kwargs}
+    kw = resolve(pipe, **call_kwargs)
     device = pipe.transformer.device
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -162,7 +193,9 @@ def generate_images(
         gens = [torch.Generator(device=device).manual_seed(int(s)) for s in ss]
         res = pipe(prompt=list(ps), generator=gens, output_type="np", **kw)
         out.append(np.asarray(res.images, dtype=np.float32))
-    return np.concatenate(out, axis=0) if out else np.zeros((0, kw["height"], kw["width"], 3), np.float32)
+    if not out:
+        return np.zeros((0, kw.get("height", 0), kw.get("width", 0), 3), np.float32)
+    return np.concatenate(out, axis=0)
 
 
 def shapes_dictionaries_path() -> Path:

@@ -19,7 +19,7 @@ Stages (each resumable; files under ``run_dir``):
    probability ``t_discrete_fraction``, else uniform. Batch contents, t and ε at step k come
    from a generator seeded by ``(seed, k)``, so a resumed run sees the same data.
 
-Checkpoints are written atomically (temporary file + ``os.replace``).
+Checkpoints are written atomically (:mod:`difract_ext.util.atomic`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,19 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from tqdm.auto import tqdm
 
-from difract_ext.toy.pipeline import SHAPES_BASE_T5_LOCAL_STRENGTH, SHAPES_CALL_DEFAULTS, build_shapes_pipeline
+from difract_ext.flux.defaults import write_call_defaults
+from difract_ext.flux.loading import load_pipeline
+from difract_ext.toy.pipeline import (
+    SHAPES_BASE_T5_LOCAL_STRENGTH,
+    SHAPES_CALL_DEFAULTS,
+    build_shapes_pipeline,
+    load_shapes_pipeline,
+    shapes_call_defaults,
+)
+from difract_ext.util.atomic import atomic_write_json, atomic_write_with
+from difract_ext.util.config import config_to_dict, write_config
+from difract_ext.util.schedules import warmup_cosine
+from difract_ext.util.seeds import shapes_step_seed
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +102,11 @@ class TrainConfig:
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
+    return torch.Generator().manual_seed(shapes_step_seed(seed, step, salt))
 
 
 class _ThreadGovernor:
@@ -153,13 +162,11 @@ class _ThreadGovernor:
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     """Warm-up, cosine to ``min_lr_ratio * lr`` at ``steps``, then one warm restart: a second
     cosine from ``restart_lr`` over ``restart_steps`` (SGDR-style)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if step >= cfg.steps:
-        frac = (step - cfg.steps) / max(1, cfg.restart_steps)
-        return cfg.restart_lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    if step >= max(cfg.steps, cfg.warmup):
+        return warmup_cosine(
+            step - cfg.steps, cfg.restart_steps, end_fraction=cfg.min_lr_ratio, peak=cfg.restart_lr
+        )
+    return warmup_cosine(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio, peak=cfg.lr)
 
 
 def _prompt_lists(cfg: TrainConfig) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -179,12 +186,20 @@ def _render_dataset(cfg: TrainConfig, path: Path) -> None:
     prompts = tr1 + tr2
     rng = np.random.default_rng(cfg.seed)
     is_single = rng.random(cfg.n_images) < cfg.single_fraction
-    idx = np.where(is_single, rng.integers(0, len(tr1), cfg.n_images), len(tr1) + rng.integers(0, len(tr2), cfg.n_images))
+    idx = np.where(
+        is_single,
+        rng.integers(0, len(tr1), cfg.n_images),
+        len(tr1) + rng.integers(0, len(tr2), cfg.n_images),
+    )
     scenes = [parse_prompt(p) for p in prompts]
     images = np.stack([render(scenes[k], 32, seed=RENDER_SEED_BASE + i) for i, k in enumerate(idx)])
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, images=images, prompt_idx=idx.astype(np.int64), prompts=np.array(prompts))
-    os.replace(tmp, path)
+    atomic_write_with(
+        path,
+        lambda tmp: np.savez(
+            tmp, images=images, prompt_idx=idx.astype(np.int64), prompts=np.array(prompts)
+        ),
+        keep_suffix=True,
+    )
     logger.info("rendered %d images of %d train prompts -> %s", len(images), len(prompts), path)
 
 
@@ -193,7 +208,9 @@ def _to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def _train_vae(cfg: TrainConfig, vae: AutoencoderKL, images: np.ndarray, prompts: list[str], run_dir: Path) -> None:
+def _train_vae(
+    cfg: TrainConfig, vae: AutoencoderKL, images: np.ndarray, prompts: list[str], run_dir: Path
+) -> None:
     """Train ``vae`` in place (resumable via ``vae_ckpt.pt``), then set scaling/shift factors."""
     ckpt_path = run_dir / "vae_ckpt.pt"
     vae.train().requires_grad_(True)
@@ -206,14 +223,20 @@ def _train_vae(cfg: TrainConfig, vae: AutoencoderKL, images: np.ndarray, prompts
         start = state["step"]
         logger.info("VAE: resumed at step %d", start)
     last_save = time.time()
-    bar = tqdm(range(start, cfg.vae_steps), desc="vae", mininterval=30, initial=start, total=cfg.vae_steps)
+    bar = tqdm(
+        range(start, cfg.vae_steps), desc="vae", mininterval=30, initial=start, total=cfg.vae_steps
+    )
     gov = _ThreadGovernor(cfg.threads)
     for step in bar:
         t_step = time.time()
         g = _step_generator(cfg.seed, step, salt=1)
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g).numpy()
         x = _to_pixels(images[idx])
-        lr = cfg.vae_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        lr = (
+            cfg.vae_lr
+            * min(1.0, (step + 1) / 50)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         post = vae.encode(x).latent_dist
@@ -228,16 +251,27 @@ def _train_vae(cfg: TrainConfig, vae: AutoencoderKL, images: np.ndarray, prompts
         opt.step()
         gov.record(time.time() - t_step)
         if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
-            logger.info("vae step %d mse %.5f kl/elem %.3f lr %.2e", step, mse.item(), kl.item(), lr)
+            logger.info(
+                "vae step %d mse %.5f kl/elem %.3f lr %.2e", step, mse.item(), kl.item(), lr
+            )
             bar.set_postfix(mse=f"{mse.item():.4f}")
         if time.time() - last_save > cfg.ckpt_every_s:
-            _atomic_save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt_path)
+            _atomic_save(
+                {"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt_path
+            )
             last_save = time.time()
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        pick = np.random.default_rng(cfg.seed).choice(len(images), min(2048, len(images)), replace=False)
+        pick = np.random.default_rng(cfg.seed).choice(
+            len(images), min(2048, len(images)), replace=False
+        )
         sub = images[pick]
-        z = torch.cat([vae.encode(_to_pixels(sub[i : i + 256])).latent_dist.mean for i in range(0, len(sub), 256)])
+        z = torch.cat(
+            [
+                vae.encode(_to_pixels(sub[i : i + 256])).latent_dist.mean
+                for i in range(0, len(sub), 256)
+            ]
+        )
         rec = torch.cat([vae.decode(z[i : i + 256]).sample for i in range(0, len(z), 256)])
         mse = F.mse_loss(rec, _to_pixels(sub)).item()
     from difract_ext.toy.analyzer import accuracy_report
@@ -246,8 +280,17 @@ def _train_vae(cfg: TrainConfig, vae: AutoencoderKL, images: np.ndarray, prompts
     rep = accuracy_report(list(rec_img), [prompts[i] for i in pick[:256]])
     shift, scale = float(z.mean()), float(1.0 / z.std())
     vae.register_to_config(scaling_factor=scale, shift_factor=shift)
-    logger.info("VAE done: recon mse %.5f, analyzer fully-correct on reconstructions %.3f, latent mean %.4f std %.4f", mse, rep["all/fully_correct"], shift, 1 / scale)
-    _atomic_save({"vae": vae.state_dict(), "scaling_factor": scale, "shift_factor": shift, "mse": mse}, run_dir / "vae.pt")
+    logger.info(
+        "VAE done: recon mse %.5f, analyzer fully-correct on reconstructions %.3f, latent mean %.4f std %.4f",
+        mse,
+        rep["all/fully_correct"],
+        shift,
+        1 / scale,
+    )
+    _atomic_save(
+        {"vae": vae.state_dict(), "scaling_factor": scale, "shift_factor": shift, "mse": mse},
+        run_dir / "vae.pt",
+    )
 
 
 @torch.no_grad()
@@ -260,8 +303,15 @@ def _encode_dataset(pipe: FluxPipeline, images: np.ndarray, prompts: list[str], 
         z = vae.encode(_to_pixels(images[i : i + 500])).latent_dist.mean
         z = (z - sh) * sf  # [b, 4, 16, 16]
         lat.append(FluxPipeline._pack_latents(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3]))
-    embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=SHAPES_CALL_DEFAULTS["max_sequence_length"])
-    _atomic_save({"latents": torch.cat(lat), "prompt_embeds": embeds, "pooled": pooled, "prompts": prompts}, path)
+    embeds, pooled, _ = pipe.encode_prompt(
+        prompt=prompts,
+        prompt_2=None,
+        max_sequence_length=SHAPES_CALL_DEFAULTS["max_sequence_length"],
+    )
+    _atomic_save(
+        {"latents": torch.cat(lat), "prompt_embeds": embeds, "pooled": pooled, "prompts": prompts},
+        path,
+    )
     logger.info("encoded %d latents, %d prompts -> %s", len(images), len(prompts), path)
 
 
@@ -282,7 +332,9 @@ def _eval_prompts(cfg: TrainConfig) -> tuple[list[str], list[int]]:
     return ps, [EVAL_SEED_BASE + i for i in range(len(ps))]
 
 
-def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_idx: np.ndarray, run_dir: Path) -> None:
+def _train_transformer(
+    cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_idx: np.ndarray, run_dir: Path
+) -> None:
     """Flow-matching training of ``pipe.transformer`` (resumable via ``ckpt.pt``); loads EMA weights at the end."""
     model: FluxTransformer2DModel = pipe.transformer
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -290,7 +342,14 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in n else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.99),
+    )
     ckpt_path, start = run_dir / "ckpt.pt", 0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -300,7 +359,9 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
         start = state["step"]
         logger.info("transformer: resumed at step %d", start)
     elif cfg.init_from:
-        init = FluxTransformer2DModel.from_pretrained(str(Path(cfg.init_from) / "transformer"), local_files_only=True)
+        init = FluxTransformer2DModel.from_pretrained(
+            str(Path(cfg.init_from) / "transformer"), local_files_only=True
+        )
         model.load_state_dict(init.state_dict())
         ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
         logger.info("transformer: initialised from %s", cfg.init_from)
@@ -315,7 +376,16 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
     last_save, t0, run_loss, n_loss = time.time(), time.time(), 0.0, 0
 
     def save(step: int) -> None:
-        _atomic_save({"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step, "config": asdict(cfg)}, ckpt_path)
+        _atomic_save(
+            {
+                "model": model.state_dict(),
+                "ema": ema,
+                "opt": opt.state_dict(),
+                "step": step,
+                "config": config_to_dict(cfg),
+            },
+            ckpt_path,
+        )
 
     gov = _ThreadGovernor(cfg.threads)
     total = cfg.steps + cfg.restart_steps
@@ -330,11 +400,23 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
         p = pidx[idx]
         noise = torch.randn(x0.shape, generator=g)
         disc = torch.rand(cfg.batch, generator=g) < cfg.t_discrete_fraction
-        t = torch.where(disc, t_choices[torch.randint(0, 4, (cfg.batch,), generator=g)], torch.rand(cfg.batch, generator=g).clamp_min(1e-3))
+        t = torch.where(
+            disc,
+            t_choices[torch.randint(0, 4, (cfg.batch,), generator=g)],
+            torch.rand(cfg.batch, generator=g).clamp_min(1e-3),
+        )
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step)
-        pred = model(hidden_states=xt, encoder_hidden_states=embeds[p], pooled_projections=pooled[p], timestep=t, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+        pred = model(
+            hidden_states=xt,
+            encoder_hidden_states=embeds[p],
+            pooled_projections=pooled[p],
+            timestep=t,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            return_dict=False,
+        )[0]
         loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -343,13 +425,23 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
         d = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, v in model.state_dict().items():
-                ema[k].mul_(d).add_(v.detach(), alpha=1 - d) if v.dtype.is_floating_point else ema[k].copy_(v)
+                ema[k].mul_(d).add_(v.detach(), alpha=1 - d) if v.dtype.is_floating_point else ema[
+                    k
+                ].copy_(v)
         run_loss += loss.item()
         n_loss += 1
         gov.record(time.time() - t_step)
         if (step + 1) % cfg.log_every == 0:
             el = time.time() - t0
-            logger.info("step %d loss %.4f gnorm %.2f lr %.2e | %.2f s/step (%d threads)", step + 1, run_loss / n_loss, float(gn), _lr_at(cfg, step), el / n_loss, gov.current)
+            logger.info(
+                "step %d loss %.4f gnorm %.2f lr %.2e | %.2f s/step (%d threads)",
+                step + 1,
+                run_loss / n_loss,
+                float(gn),
+                _lr_at(cfg, step),
+                el / n_loss,
+                gov.current,
+            )
             bar.set_postfix(loss=f"{run_loss / n_loss:.4f}")
             run_loss, n_loss, t0 = 0.0, 0, time.time()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
@@ -361,11 +453,23 @@ def _train_transformer(cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_
             rep = _evaluate(pipe, eval_ps, eval_seeds)
             if cfg.eval_snapshots:  # EMA weights at every evaluation, to pick a step afterwards
                 (run_dir / "snapshots").mkdir(exist_ok=True)
-                _atomic_save({"ema": ema, "step": step + 1, "eval": rep, "config": asdict(cfg)}, run_dir / "snapshots" / f"ema_{step + 1:06d}.pt")
+                _atomic_save(
+                    {"ema": ema, "step": step + 1, "eval": rep, "config": config_to_dict(cfg)},
+                    run_dir / "snapshots" / f"ema_{step + 1:06d}.pt",
+                )
             model.load_state_dict(live)
             model.train()
             t0, run_loss, n_loss = time.time(), 0.0, 0
-            logger.info("eval step %d (EMA, held-out): single fc %.3f | double fc %.3f color %.3f shape %.3f pos %.3f binding %.3f", step + 1, rep["single/fully_correct"], rep["double/fully_correct"], rep["double/color"], rep["double/shape"], rep["double/position"], rep["double/binding_error"])
+            logger.info(
+                "eval step %d (EMA, held-out): single fc %.3f | double fc %.3f color %.3f shape %.3f pos %.3f binding %.3f",
+                step + 1,
+                rep["single/fully_correct"],
+                rep["double/fully_correct"],
+                rep["double/color"],
+                rep["double/shape"],
+                rep["double/position"],
+                rep["double/binding_error"],
+            )
             t0 = time.time()
         elif time.time() - last_save > cfg.ckpt_every_s:
             save(step + 1)
@@ -388,14 +492,16 @@ def train_shapes(run_dir: str | Path, cfg: TrainConfig | None = None) -> FluxPip
     cfg_path = run / "train_config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
-        if old != asdict(cfg):
+        if old != config_to_dict(cfg):
             logger.warning("train config differs from the one in %s; using the new one", cfg_path)
-    cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+    write_config(cfg_path, cfg)
     init = run / "init"
     if not (init / "model_index.json").exists():
-        build_shapes_pipeline(seed=cfg.seed, t5_local_strength=cfg.t5_local_strength).save_pretrained(str(init))
-    pipe = FluxPipeline.from_pretrained(str(init), local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+        build_shapes_pipeline(
+            seed=cfg.seed, t5_local_strength=cfg.t5_local_strength
+        ).save_pretrained(str(init))
+        write_call_defaults(init, shapes_call_defaults())
+    pipe = load_shapes_pipeline(path=init)
     if not (run / "images.npz").exists():
         _render_dataset(cfg, run / "images.npz")
     arr = np.load(run / "images.npz")
@@ -403,13 +509,23 @@ def train_shapes(run_dir: str | Path, cfg: TrainConfig | None = None) -> FluxPip
     if (run / "vae.pt").exists():
         st = torch.load(run / "vae.pt", map_location="cpu", weights_only=True)
         pipe.vae.load_state_dict(st["vae"])
-        pipe.vae.register_to_config(scaling_factor=st["scaling_factor"], shift_factor=st["shift_factor"])
+        pipe.vae.register_to_config(
+            scaling_factor=st["scaling_factor"], shift_factor=st["shift_factor"]
+        )
     elif cfg.init_from:
         vae = AutoencoderKL.from_pretrained(str(Path(cfg.init_from) / "vae"), local_files_only=True)
         pipe.vae.load_state_dict(vae.state_dict())
         sf, sh = vae.config.scaling_factor, vae.config.shift_factor
         pipe.vae.register_to_config(scaling_factor=sf, shift_factor=sh)
-        _atomic_save({"vae": vae.state_dict(), "scaling_factor": sf, "shift_factor": sh, "mse": float("nan")}, run / "vae.pt")
+        _atomic_save(
+            {
+                "vae": vae.state_dict(),
+                "scaling_factor": sf,
+                "shift_factor": sh,
+                "mse": float("nan"),
+            },
+            run / "vae.pt",
+        )
         logger.info("VAE: taken from %s", cfg.init_from)
     else:
         _train_vae(cfg, pipe.vae, images, [prompts[k] for k in prompt_idx], run)
@@ -420,8 +536,11 @@ def train_shapes(run_dir: str | Path, cfg: TrainConfig | None = None) -> FluxPip
     return pipe
 
 
-def export_pipeline(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """Assemble the trained pipeline from ``run_dir`` (EMA transformer) and ``save_pretrained`` it.
+def export_pipeline(
+    run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None
+) -> Path:
+    """Assemble the trained pipeline from ``run_dir`` (EMA transformer) and ``save_pretrained`` it,
+    with its call defaults (``difract_call_defaults.json``, :func:`shapes_call_defaults`).
 
     ``checkpoint`` picks the EMA weights (default ``run_dir/ckpt.pt``; e.g. an evaluation
     snapshot ``run_dir/snapshots/ema_002400.pt`` written with ``eval_snapshots``).
@@ -430,19 +549,24 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path, checkpoint: str | 
         ``out_dir`` (safetensors, float32).
     """
     run = Path(run_dir)
-    pipe = FluxPipeline.from_pretrained(str(run / "init"), local_files_only=True)
+    pipe = load_pipeline(run / "init")
     st = torch.load(run / "vae.pt", map_location="cpu", weights_only=True)
     pipe.vae.load_state_dict(st["vae"])
-    pipe.vae.register_to_config(scaling_factor=st["scaling_factor"], shift_factor=st["shift_factor"])
-    ck = torch.load(Path(checkpoint) if checkpoint else run / "ckpt.pt", map_location="cpu", weights_only=True)
+    pipe.vae.register_to_config(
+        scaling_factor=st["scaling_factor"], shift_factor=st["shift_factor"]
+    )
+    ck = torch.load(
+        Path(checkpoint) if checkpoint else run / "ckpt.pt", map_location="cpu", weights_only=True
+    )
     pipe.transformer.load_state_dict(ck["ema"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    write_call_defaults(out, shapes_call_defaults())
     config = ck.get("config")
     if config is None and (run / "train_config.json").is_file():
         config = json.loads((run / "train_config.json").read_text())
     record = {"step": ck["step"], "checkpoint": str(checkpoint or "ckpt.pt"), "config": config}
-    (out / "training.json").write_text(json.dumps(record, indent=1))
+    atomic_write_json(out / "training.json", record)
     logger.info("exported step %d pipeline -> %s", ck["step"], out)
     return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -185,7 +185,7 @@ def _check_n_objects(n_objects: object) -> int:
     return int(n_objects)  # type: ignore[call-overload]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _all_prompts(n_objects: int) -> tuple[str, ...]:
     looks = [(c, s) for c in COLORS for s in SHAPES]
     if n_objects == 1:

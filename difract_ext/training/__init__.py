@@ -5,13 +5,16 @@
 - :mod:`~difract_ext.training.trainer`: :func:`train_dictionaries` (one pass, many dictionaries,
   resumable, ``accelerate``/DDP);
 - :mod:`~difract_ext.training.evaluation`: held-out FVU / EV / cosine / L0 / dead / dense, per t;
-- :mod:`~difract_ext.intervene.generation`: spliced generation with transcoders instead of MLPs;
 - :mod:`~difract_ext.training.plots`: sparsity–faithfulness curves;
-- :mod:`~difract_ext.cli.eval_job`: :func:`run_evaluation` (``difract eval``).
+- :mod:`~difract_ext.training.dictionary_io`: :class:`DictionaryIO`, how modules are built, saved
+  and loaded (pass ``io=SAELENS_IO`` from :mod:`difract_ext.adapters.dictionaries`).
+
+Elsewhere: spliced generation is :mod:`difract_ext.intervene.generation`; ``difract eval`` as a
+function is :func:`difract_ext.cli.eval_job.run_evaluation`.
 """
 
+from difract_ext.training.dictionary_io import DictionaryIO
 from difract_ext.training.evaluation import DictionaryEval, evaluate_dictionaries
-from difract_ext.cli.eval_job import EvalSummary, run_evaluation
 from difract_ext.training.specs import (
     DictionarySpec,
     TrainConfig,
@@ -20,14 +23,13 @@ from difract_ext.training.specs import (
     sweep,
     tide_recipe,
 )
-from difract_ext.intervene.generation import splice_transcoders, spliced_generation
 from difract_ext.training.store import TrainedDictionary, load_dictionaries, load_dictionary
 from difract_ext.training.trainer import TrainResult, train_dictionaries
 
 __all__ = [
     "DictionaryEval",
+    "DictionaryIO",
     "DictionarySpec",
-    "EvalSummary",
     "TrainConfig",
     "TrainResult",
     "TrainedDictionary",
@@ -36,9 +38,6 @@ __all__ = [
     "evaluate_dictionaries",
     "load_dictionaries",
     "load_dictionary",
-    "run_evaluation",
-    "splice_transcoders",
-    "spliced_generation",
     "sweep",
     "tide_recipe",
     "train_dictionaries",

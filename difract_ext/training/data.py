@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from difract_ext.capture.format import HarvestReader, site_key
+from difract_ext.capture.format import HarvestReader
 from difract_ext.flux.sites import STREAMS, Site
+from difract_ext.util.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -27,21 +28,17 @@ class Group:
     shards: tuple[int, ...]
 
 
-def derive_seed(*parts: int) -> int:
-    """A 61-bit seed mixed from integers (FNV-style; stable across runs and platforms)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = ((h ^ int(p)) * 0x100000001B3) % (1 << 61)
-    return h
-
-
 def plan_groups(n_shards: int, epochs: int, mix_shards: int, seed: int) -> list[Group]:
     """All groups of all epochs, in training order."""
     groups = []
     for epoch in range(epochs):
-        order = torch.randperm(n_shards, generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
+        order = torch.randperm(
+            n_shards, generator=torch.Generator().manual_seed(derive_seed(seed, epoch))
+        )
         for gi, start in enumerate(range(0, n_shards, mix_shards)):
-            groups.append(Group(epoch, gi, tuple(int(i) for i in order[start:start + mix_shards])))
+            groups.append(
+                Group(epoch, gi, tuple(int(i) for i in order[start : start + mix_shards]))
+            )
     return groups
 
 
@@ -49,8 +46,9 @@ def group_rows(reader: HarvestReader, group: Group, stream: str) -> int:
     return sum(reader.shards[i].valid_rows.get(stream, 0) for i in group.shards)
 
 
-def steps_per_stream(reader: HarvestReader, groups: Sequence[Group], streams: Sequence[str],
-                     batch_size: int) -> dict[str, int]:
+def steps_per_stream(
+    reader: HarvestReader, groups: Sequence[Group], streams: Sequence[str], batch_size: int
+) -> dict[str, int]:
     """Optimizer steps each stream's dictionaries will take over ``groups``."""
     return {s: sum(group_rows(reader, g, s) // batch_size for g in groups) for s in streams}
 
@@ -61,8 +59,9 @@ class GroupData:
     ``batch(stream, key, b, rank, world)`` -> ``(x [B/W, D], y [B/W, D], t [B/W])`` float32.
     """
 
-    def __init__(self, reader: HarvestReader, group: Group, sites: Sequence[Site], seed: int,
-                 batch_size: int):
+    def __init__(
+        self, reader: HarvestReader, group: Group, sites: Sequence[Site], seed: int, batch_size: int
+    ):
         self.batch_size = batch_size
         self.data: dict[str, dict[str, torch.Tensor]] = {}
         self.n_batches: dict[str, int] = {}
@@ -75,17 +74,20 @@ class GroupData:
                 continue
             cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             n = int(cat["t"].shape[0])
-            gen = torch.Generator().manual_seed(derive_seed(seed, group.epoch, group.index, STREAMS.index(stream)))
+            gen = torch.Generator().manual_seed(
+                derive_seed(seed, group.epoch, group.index, STREAMS.index(stream))
+            )
             perm = torch.randperm(n, generator=gen)
             self.data[stream] = {k: v[perm] for k, v in cat.items()}
             self.n_batches[stream] = n // batch_size
 
-    def batch(self, site: Site, b: int, rank: int = 0, world: int = 1,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(
+        self, site: Site, b: int, rank: int = 0, world: int = 1, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d = self.data[site.stream]
         local = self.batch_size // world
         lo = b * self.batch_size + rank * local
-        key = site_key(site)
+        key = str(site)
         sl = slice(lo, lo + local)
         return (
             d[f"{key}.x"][sl].to(device=device, dtype=torch.float32),

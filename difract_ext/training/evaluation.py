@@ -10,6 +10,7 @@ from ``y``) and activations ``z [N, d_sae]``::
     l0                 = mean_n #{i : z_n,i > 0}
     dead_fraction      = #{i : z_·,i = 0 on every row of G} / d_sae
     dense_fraction     = #{i : feature i is active on > dense_threshold of G's rows} / d_sae
+    overactive_fraction = the same with 30 % for the threshold (see ``quality.py``)
 
 Sums are accumulated in float64 over batches, so the numbers do not depend on the batch size.
 """
@@ -27,7 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from difract_ext.capture.format import HarvestReader
+from difract_ext.training.quality import OVERACTIVE_RATE, quality_problems
 from difract_ext.training.store import TrainedDictionary
+from difract_ext.util.config import config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +55,9 @@ class _Acc:
         self.sse += float(e.pow(2).sum())
         self.sum_y += y64.sum(0).cpu()
         self.sum_y2 += y64.pow(2).sum(0).cpu()
-        self.cos += float(torch.nn.functional.cosine_similarity(y64, y_hat.double(), dim=-1, eps=1e-12).sum())
+        self.cos += float(
+            torch.nn.functional.cosine_similarity(y64, y_hat.double(), dim=-1, eps=1e-12).sum()
+        )
         self.l0 += float(active.sum())
         self.fires += active.sum(0).double().cpu()
 
@@ -71,6 +76,7 @@ class _Acc:
             "l0_fraction": self.l0 / n / self.fires.numel(),
             "dead_fraction": float((self.fires == 0).double().mean()),
             "dense_fraction": float((freq > dense_threshold).double().mean()),
+            "overactive_fraction": float((freq > OVERACTIVE_RATE).double().mean()),
         }
 
 
@@ -87,8 +93,7 @@ class DictionaryEval:
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "site": self.site, "role": self.role, "activation": self.activation,
-                "sparsity": self.sparsity, "d_sae": self.d_sae, "groups": self.groups}
+        return config_to_dict(self)
 
 
 def t_label(t: float) -> str:
@@ -118,13 +123,11 @@ def evaluate_dictionaries(
     Returns:
         one :class:`DictionaryEval` per dictionary, in input order.
     """
-    from difract_ext.capture.format import site_key
-
     reader = data if isinstance(data, HarvestReader) else HarvestReader(data)
-    have = {site_key(s) for s in reader.sites}
+    have = {str(s) for s in reader.sites}
     for d in dictionaries:
-        if site_key(d.spec.site) not in have:
-            raise ValueError(f"{reader.root} has no rows of {site_key(d.spec.site)} (needed by {d.name})")
+        if str(d.spec.site) not in have:
+            raise ValueError(f"{reader.root} has no rows of {d.spec.site} (needed by {d.name})")
     accs: list[dict[str, _Acc]] = [{} for _ in dictionaries]
     streams = sorted({d.spec.site.stream for d in dictionaries})
     for i in tqdm(range(len(reader.shards)), desc="eval", unit="shard", disable=not progress):
@@ -136,12 +139,16 @@ def evaluate_dictionaries(
                 continue
             n = rows["t"].shape[0]
             for lo in range(0, n, batch_size):
-                t = rows["t"][lo:lo + batch_size].to(device)
+                t = rows["t"][lo : lo + batch_size].to(device)
                 for j in idx:
                     d = dictionaries[j]
-                    key = site_key(d.spec.site)
-                    x = rows[f"{key}.x"][lo:lo + batch_size].to(device=device, dtype=torch.float32)
-                    y = rows[f"{key}.y"][lo:lo + batch_size].to(device=device, dtype=torch.float32)
+                    key = str(d.spec.site)
+                    x = rows[f"{key}.x"][lo : lo + batch_size].to(
+                        device=device, dtype=torch.float32
+                    )
+                    y = rows[f"{key}.y"][lo : lo + batch_size].to(
+                        device=device, dtype=torch.float32
+                    )
                     z = d.module.encode(y if d.spec.role == "sae" else x, t=t)
                     y_hat = d.module.linear_decode(z)
                     active = z > 0
@@ -159,15 +166,23 @@ def evaluate_dictionaries(
                             acc.add(y[mask], y_hat[mask], active[mask])
     out = []
     for d, acc in zip(dictionaries, accs):
-        ev = DictionaryEval(d.name, site_key(d.spec.site), d.spec.role, d.spec.activation,
-                            d.spec.sparsity, int(d.module.cfg.d_sae))
+        ev = DictionaryEval(
+            d.name,
+            str(d.spec.site),
+            d.spec.role,
+            d.spec.activation,
+            d.spec.sparsity,
+            int(d.module.cfg.d_sae),
+        )
         order = [ALL] + sorted((g for g in acc if g != ALL), key=lambda s: -float(s[2:]))
         ev.groups = {g: acc[g].result(dense_threshold) for g in order if g in acc}
         out.append(ev)
     return out
 
 
-def check_disjoint(eval_data: HarvestReader, dictionaries: Sequence[TrainedDictionary]) -> list[str]:
+def check_disjoint(
+    eval_data: HarvestReader, dictionaries: Sequence[TrainedDictionary]
+) -> list[str]:
     """Prompts of the evaluation data that some dictionary was trained on.
 
     Uses the training harvest's prompt list when its folder is still readable; otherwise compares
@@ -183,7 +198,9 @@ def check_disjoint(eval_data: HarvestReader, dictionaries: Sequence[TrainedDicti
         if root and cfg.is_file():
             overlap |= eval_prompts & set(json.loads(cfg.read_text())["prompts"])
         else:
-            logger.warning("training data %r not readable: held-out disjointness only checked by digest", root)
+            logger.warning(
+                "training data %r not readable: held-out disjointness only checked by digest", root
+            )
     for d in dictionaries:
         if d.training.get("data", {}).get("prompts_sha256") == digest:
             overlap |= eval_prompts
@@ -191,9 +208,11 @@ def check_disjoint(eval_data: HarvestReader, dictionaries: Sequence[TrainedDicti
 
 
 def eval_table(evals: Sequence[DictionaryEval], group: str = ALL) -> str:
-    """Markdown table: one row per dictionary (metrics of ``group``)."""
-    head = ("| dictionary | site | role | act. | sparsity | d_sae | EV | FVU | cosine | L0 | "
-            "L0/d_sae | dead | dense |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    """Markdown table: one row per dictionary (metrics of ``group``), with the quality verdict."""
+    head = (
+        "| dictionary | site | role | act. | sparsity | d_sae | EV | FVU | cosine | L0 | "
+        "L0/d_sae | dead | dense | check |\n" + "|---" * 14 + "|\n"
+    )
     lines = []
     for e in evals:
         m = e.groups.get(group)
@@ -202,9 +221,16 @@ def eval_table(evals: Sequence[DictionaryEval], group: str = ALL) -> str:
         lines.append(
             f"| {e.name} | {e.site} | {e.role} | {e.activation} | {e.sparsity:g} | {e.d_sae} | "
             f"{m['explained_variance']:.4f} | {m['fvu']:.4f} | {m['cosine']:.4f} | {m['l0']:.2f} | "
-            f"{m['l0_fraction']:.2%} | {m['dead_fraction']:.2%} | {m['dense_fraction']:.2%} |"
+            f"{m['l0_fraction']:.2%} | {m['dead_fraction']:.2%} | {m['dense_fraction']:.2%} | "
+            f"{verdict(m)} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def verdict(metrics: dict[str, float]) -> str:
+    """``"ok"`` or ``"**FAIL**: <why>"`` (see :mod:`~difract_ext.training.quality`)."""
+    problems = quality_problems(metrics)
+    return "ok" if not problems else "**FAIL**: " + "; ".join(problems)
 
 
 def per_timestep_table(evals: Sequence[DictionaryEval]) -> str:

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from difract_ext.dictionary.activations import topk_relu
+
 
 class StepOutput(NamedTuple):
     """What one forward pass reports (all detached except ``loss``).
@@ -41,8 +43,13 @@ class StepOutput(NamedTuple):
 class Objective(nn.Module):
     """Wraps a conditioned dictionary; ``forward(x, y, t, l1, dead)`` -> :class:`StepOutput`."""
 
-    def __init__(self, dictionary: nn.Module, role: str, auxk_k: int | None = None,
-                 auxk_coefficient: float = 0.0):
+    def __init__(
+        self,
+        dictionary: nn.Module,
+        role: str,
+        auxk_k: int | None = None,
+        auxk_coefficient: float = 0.0,
+    ):
         super().__init__()
         self.dictionary = dictionary
         self.role = role
@@ -87,9 +94,7 @@ class Objective(nn.Module):
         """How well the top ``auxk_k`` dead latents reconstruct the residual ``e [B, d_out]``."""
         d: Any = self.dictionary
         k = min(int(self.auxk_k or e.shape[-1] // 2), int(dead.sum()))
-        masked = pre.masked_fill(~dead, float("-inf"))
-        vals, idx = masked.topk(k, dim=-1)
-        z_aux = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        z_aux = topk_relu(pre.masked_fill(~dead, float("-inf")), k)
         e_hat = z_aux @ d.W_dec
         denom = (e - e.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-6)
         return (e - e_hat).pow(2).sum(-1).mean() / denom

@@ -19,7 +19,9 @@ _STYLE = {
 }
 
 
-def curve_points(evals: Sequence[DictionaryEval], group: str = ALL) -> dict[tuple[str, str, str], list[tuple[float, float]]]:
+def curve_points(
+    evals: Sequence[DictionaryEval], group: str = ALL
+) -> dict[tuple[str, str, str], list[tuple[float, float]]]:
     """``{(site, role, activation): [(L0, FVU), ...]}`` sorted by L0."""
     pts: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for e in evals:
@@ -29,7 +31,9 @@ def curve_points(evals: Sequence[DictionaryEval], group: str = ALL) -> dict[tupl
     return {k: sorted(v) for k, v in pts.items()}
 
 
-def plot_sparsity_faithfulness(evals: Sequence[DictionaryEval], path: str | Path, group: str = ALL) -> Path:
+def plot_sparsity_faithfulness(
+    evals: Sequence[DictionaryEval], path: str | Path, group: str = ALL
+) -> Path:
     """Write a PNG: per site, FVU (log scale) against mean L0, one line per (role, activation)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -48,8 +52,14 @@ def plot_sparsity_faithfulness(evals: Sequence[DictionaryEval], path: str | Path
             if s != site:
                 continue
             color, marker, ls = _STYLE.get((role, act), ("gray", "x", ":"))
-            ax.plot([a for a, _ in p], [max(b, 1e-6) for _, b in p], marker=marker, linestyle=ls,
-                    color=color, label=f"{role} ({act})")
+            ax.plot(
+                [a for a, _ in p],
+                [max(b, 1e-6) for _, b in p],
+                marker=marker,
+                linestyle=ls,
+                color=color,
+                label=f"{role} ({act})",
+            )
         ax.set_yscale("log")
         ax.set_title(site)
         ax.set_xlabel("mean L0 (active features per row)")

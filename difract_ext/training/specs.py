@@ -14,13 +14,14 @@ pass over the harvested data.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from difract_ext.capture.format import parse_site_key, site_key
-from difract_ext.flux.sites import Site
+from difract_ext.flux.sites import Site, as_site, dictionary_metadata
+from difract_ext.training.dictionary_io import DictionaryIO
+from difract_ext.util.config import config_from_dict, config_to_dict
 
 ROLES = ("transcoder", "sae")
 TRAIN_ACTIVATIONS = ("relu", "topk")
@@ -61,12 +62,13 @@ class DictionarySpec:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.site, str):
-            self.site = parse_site_key(self.site)
+        self.site = as_site(self.site)
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.activation not in TRAIN_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {TRAIN_ACTIVATIONS}, got {self.activation!r}")
+            raise ValueError(
+                f"activation must be one of {TRAIN_ACTIVATIONS}, got {self.activation!r}"
+            )
         if self.activation == "relu":
             if self.l1_coefficient is None:
                 self.l1_coefficient = DIFRACT_L1[self.site.stream]
@@ -78,7 +80,9 @@ class DictionarySpec:
             if self.l1_coefficient:
                 raise ValueError("TopK dictionaries are trained without L1 (l1_coefficient=None)")
         if self.dead_remedy not in DEAD_REMEDIES:
-            raise ValueError(f"dead_remedy must be one of {DEAD_REMEDIES}, got {self.dead_remedy!r}")
+            raise ValueError(
+                f"dead_remedy must be one of {DEAD_REMEDIES}, got {self.dead_remedy!r}"
+            )
         if self.dead_remedy == "auxk" and self.activation != "topk":
             raise ValueError("dead_remedy='auxk' needs activation='topk'")
 
@@ -90,7 +94,11 @@ class DictionarySpec:
         return "auxk" if self.activation == "topk" else "resample"
 
     def width(self, d_model: int) -> int:
-        return int(self.d_sae) if self.d_sae is not None else int(round(self.expansion_factor * d_model))
+        return (
+            int(self.d_sae)
+            if self.d_sae is not None
+            else int(round(self.expansion_factor * d_model))
+        )
 
     @property
     def variant(self) -> str:
@@ -105,7 +113,7 @@ class DictionarySpec:
 
     @property
     def resolved_name(self) -> str:
-        return self.name or f"{self.role}s/{site_key(self.site)}/{self.variant}"
+        return self.name or f"{self.role}s/{self.site}/{self.variant}"
 
     @property
     def sparsity(self) -> float:
@@ -113,14 +121,13 @@ class DictionarySpec:
         return float(self.l1_coefficient if self.activation == "relu" else self.k)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["site"] = site_key(self.site)
-        d["name"] = self.resolved_name
-        return d
+        """JSON-able fields (``site`` as ``"img_3"``, ``name`` resolved)."""
+        return {**config_to_dict(self), "name": self.resolved_name}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> DictionarySpec:
-        return cls(**{**d, "site": parse_site_key(d["site"])})
+    def from_json(cls, d: dict[str, Any], source: str = "spec") -> DictionarySpec:
+        """Inverse of :meth:`to_json` (``source`` names the file in errors)."""
+        return config_from_dict(cls, d, source)
 
 
 @dataclass
@@ -180,9 +187,13 @@ class TrainConfig:
             raise ValueError(f"resample_min_rate must be in [0, 1), got {self.resample_min_rate}")
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
+        """JSON-able fields (``betas`` as a list)."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], source: str = "train config") -> TrainConfig:
+        """Inverse of :meth:`to_json` (``source`` names the file in errors)."""
+        return config_from_dict(cls, d, source)
 
 
 def difract_recipe(
@@ -196,9 +207,17 @@ def difract_recipe(
     """DifFRACT's recipe: ReLU + L1 (λ per stream, default img 3e-4, txt 5e-5), width 16×."""
     lam = {**DIFRACT_L1, **(l1 or {})}
     return [
-        DictionarySpec(site, role, "relu", l1_coefficient=lam[site.stream],
-                       expansion_factor=expansion_factor, lr=lr, **kwargs)
-        for site in sites for role in roles
+        DictionarySpec(
+            site,
+            role,
+            "relu",
+            l1_coefficient=lam[site.stream],
+            expansion_factor=expansion_factor,
+            lr=lr,
+            **kwargs,
+        )
+        for site in sites
+        for role in roles
     ]
 
 
@@ -213,7 +232,8 @@ def tide_recipe(
     """TIDE's recipe: TopK (``k`` active features), auxiliary loss on dead latents."""
     return [
         DictionarySpec(site, role, "topk", k=k, expansion_factor=expansion_factor, lr=lr, **kwargs)
-        for site in sites for role in roles
+        for site in sites
+        for role in roles
     ]
 
 
@@ -235,7 +255,9 @@ def sweep(
         for role in roles:
             for level in levels:
                 if activation == "relu":
-                    lam = float(level) * (l1_scale_txt if (l1_scale_txt and site.stream == "txt") else 1.0)
+                    lam = float(level) * (
+                        l1_scale_txt if (l1_scale_txt and site.stream == "txt") else 1.0
+                    )
                     specs.append(DictionarySpec(site, role, "relu", l1_coefficient=lam, **kwargs))
                 else:
                     specs.append(DictionarySpec(site, role, "topk", k=int(level), **kwargs))
@@ -261,8 +283,10 @@ def specs_from_options(
         for role in roles:
             for act in activations:
                 if act == "relu":
-                    for lam in (l1_img if site.stream == "img" else l1_txt):
-                        specs.append(DictionarySpec(site, role, "relu", l1_coefficient=float(lam), **kwargs))
+                    for lam in l1_img if site.stream == "img" else l1_txt:
+                        specs.append(
+                            DictionarySpec(site, role, "relu", l1_coefficient=float(lam), **kwargs)
+                        )
                 else:
                     for k in ks:
                         specs.append(DictionarySpec(site, role, "topk", k=int(k), **kwargs))
@@ -273,40 +297,35 @@ def build_dictionary(
     spec: DictionarySpec,
     d_model: int,
     *,
+    io: DictionaryIO,
     trained_timesteps: Sequence[float] | None = None,
     model_name: str = "unknown",
     seed: int = 0,
     device: str | torch.device = "cpu",
     extra_metadata: dict[str, Any] | None = None,
 ) -> Any:
-    """A freshly initialised :class:`TimestepTranscoder` / :class:`TimestepSAE` for ``spec``.
+    """A freshly initialised dictionary for ``spec``, made by ``io``.
 
-    Initialisation uses its own generator state (``seed``) and leaves the global RNG untouched.
+    ``io`` is the library that owns the module class, e.g.
+    :data:`difract_ext.adapters.dictionaries.SAELENS_IO` (a :class:`TimestepTranscoder` /
+    :class:`TimestepSAE`). Initialisation uses its own generator state (``seed``) and leaves the
+    global RNG untouched.
     """
-    from difract_ext.adapters.dictionaries import (
-        TimestepSAE,
-        TimestepSAEConfig,
-        TimestepTranscoder,
-        TimestepTranscoderConfig,
-    )
-    from difract_ext.flux.sites import dictionary_metadata
-
-    meta = dictionary_metadata(spec.site, spec.role, model_name=model_name, **(extra_metadata or {}))
-    common: dict[str, Any] = dict(
-        d_in=d_model,
-        d_sae=spec.width(d_model),
-        d_t_embed=spec.d_t_embed,
-        activation=spec.activation,
-        k=spec.k,
-        trained_timesteps=list(trained_timesteps) if trained_timesteps else None,
-        metadata=meta,
-        device=str(device),
-    )
+    extra = extra_metadata or {}
+    meta = dictionary_metadata(spec.site, spec.role, model_name=model_name, **extra)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if spec.role == "transcoder":
-            return TimestepTranscoder(TimestepTranscoderConfig(d_out=d_model, **common))
-        return TimestepSAE(TimestepSAEConfig(**common))
+        return io.build(
+            spec.role,
+            d_model,
+            spec.width(d_model),
+            activation=spec.activation,
+            k=spec.k,
+            d_t_embed=spec.d_t_embed,
+            trained_timesteps=list(trained_timesteps) if trained_timesteps else None,
+            metadata=meta,
+            device=str(device),
+        )
 
 
 __all__ = [

@@ -1,4 +1,8 @@
-"""Find and load trained dictionary folders (written by :func:`train_dictionaries`)."""
+"""Find and load trained dictionary folders (written by :func:`train_dictionaries`).
+
+Reading a folder's module is the job of a :class:`~difract_ext.training.dictionary_io.DictionaryIO`
+(``io=SAELENS_IO`` from :mod:`difract_ext.adapters.dictionaries` for SAELens folders).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sae_lens import SAE
-
+from difract_ext.training.dictionary_io import DictionaryIO
 from difract_ext.training.specs import DictionarySpec
 
 
@@ -30,25 +33,27 @@ def find_dictionaries(root: str | Path) -> list[Path]:
     return sorted(p for p in found if "checkpoint" not in p.relative_to(root).parts)
 
 
-def load_dictionary(path: str | Path, device: str = "cpu", name: str | None = None) -> TrainedDictionary:
-    """Load one folder with SAELens (``SAE.load_from_disk``) plus its ``training.json``."""
-    import difract_ext  # noqa: F401  (registers our SAELens architectures)
-
+def load_dictionary(
+    path: str | Path, device: str = "cpu", name: str | None = None, *, io: DictionaryIO
+) -> TrainedDictionary:
+    """Load one folder (its module through ``io``) plus its ``training.json``."""
     path = Path(path)
     training = json.loads((path / "training.json").read_text())
     spec = DictionarySpec.from_json(training["spec"])
-    module = SAE.load_from_disk(str(path), device=device)
+    module = io.load(path, device)
     module.eval()
     return TrainedDictionary(name or spec.resolved_name, path, spec, module, training)
 
 
-def load_dictionaries(root: str | Path, device: str = "cpu") -> list[TrainedDictionary]:
+def load_dictionaries(
+    root: str | Path, device: str = "cpu", *, io: DictionaryIO
+) -> list[TrainedDictionary]:
     """Every trained dictionary under ``root``, named by its path relative to ``root``."""
     root = Path(root)
     out = []
     for p in find_dictionaries(root):
         rel = p.relative_to(root).as_posix()
-        out.append(load_dictionary(p, device, name=rel if rel != "." else None))
+        out.append(load_dictionary(p, device, name=rel if rel != "." else None, io=io))
     if not out:
         raise FileNotFoundError(f"no trained dictionaries (cfg.json + training.json) under {root}")
     return out

@@ -7,29 +7,46 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+def _tmp_sibling(path: Path, keep_suffix: bool = False) -> Path:
+    """A hidden, unique sibling; ``keep_suffix``: it ends like ``path``."""
+    tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.with_name(
+        f".{path.stem}.{tag}{path.suffix}" if keep_suffix else f".{path.name}.{tag}"
+    )
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary sibling and ``os.replace``."""
+def atomic_write_with(
+    path: str | Path, write: Callable[[Path], object], keep_suffix: bool = False
+) -> Path:
+    """Let ``write(tmp)`` create a temporary sibling of ``path``, then move it into place.
+
+    For writers that want a file name (``torch.save``, ``safetensors.torch.save_file``,
+    ``numpy.savez``): the temporary file is flushed to disk and replaces ``path`` with
+    ``os.replace`` only if ``write`` returns; otherwise it is removed. Its name is hidden and does
+    not end like ``path`` (a crash never leaves a file that globs like a result), unless
+    ``keep_suffix`` (for writers that append a suffix otherwise, like ``numpy.savez``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
+    tmp = _tmp_sibling(path, keep_suffix)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling and ``os.replace``."""
+    return atomic_write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:

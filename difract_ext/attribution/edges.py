@@ -1,0 +1,343 @@
+"""Direct-effect rows of one step's frozen replacement model, many rows per backward pass.
+
+A *row* holds the direct effects of every source node on one node: a transcoder feature (its
+pre-activation, injected as the encoder vector at its (layer, position)) or a target (its
+functional's vectors, injected at any layers and positions). Rows follow circuit-tracer's
+layout: ``[active features (N), error nodes (l * P + p), input nodes (P)]``.
+
+:class:`StepEdges` runs one forward of the frozen model at ``B`` copies (``B`` rows per backward
+pass), then for each batch of rows injects their vectors as gradients, runs one backward and
+contracts the gradients at every MLP output with
+
+- the active features' decoder vectors (:class:`FeatureKernel`: one batched matmul per layer over
+  zero-padded per-position blocks instead of a gather of ``[B, N, d]`` gradients);
+- each position's error vector and *feature total* (``Σ a W_dec`` of all active features there,
+  for the residue nodes; :class:`PositionKernel`, one batched matmul per layer);
+- the input embeddings at ``hook_embed``.
+
+Rows are addressed by integer index (feature ``i`` of the components, target ``k``): float
+columns cannot carry indices in low precision (bf16 has 8 significant bits).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from difract_ext.replacement.components import StepComponents
+from difract_ext.replacement.targets import TargetSpec
+
+#: A TransformerLens-style hook: ``(hook point name, fn(tensor, hook))``.
+Hook = tuple[str, Callable[..., Any]]
+#: One injection of a backward batch: ``(batch row, positions [k], vectors [k, d])``.
+Injection = tuple[int, torch.Tensor, torch.Tensor]
+
+
+class FeatureKernel:
+    """``grad [B, P, d] -> [n, B]``: ``grad[b, pos_f] · vecs[f]`` for one layer's ``n`` features.
+
+    The features are laid out per position in zero-padded blocks ``[U, n_max, d]`` (``U``
+    distinct positions); one ``bmm`` with the gradients ``[U, d, B]`` gives ``[U, n_max, B]``,
+    from which the real entries are read back in feature order.
+
+    Args:
+        positions: ``[n]`` position of each feature.
+        vecs: ``[n, d]`` decoder vectors (scaled by the activations).
+    """
+
+    def __init__(self, positions: torch.Tensor, vecs: torch.Tensor) -> None:
+        uniq, slot_of = torch.unique(positions, return_inverse=True)
+        counts = torch.bincount(slot_of, minlength=len(uniq))
+        order = torch.argsort(slot_of, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(slot_of)
+        rank[order] = torch.arange(len(slot_of), device=slot_of.device) - starts[slot_of[order]]
+        n_max = int(counts.max())
+        padded = torch.zeros(len(uniq), n_max, vecs.shape[1], dtype=vecs.dtype, device=vecs.device)
+        padded[slot_of, rank] = vecs
+        self.padded = padded
+        self.uniq = uniq
+        self.flat = (
+            slot_of * n_max + rank
+        )  # [n] entry of each feature in the [U * n_max, B] product
+        self.every_position = bool(torch.equal(uniq.cpu(), torch.arange(len(uniq))))
+
+    def __call__(self, grads: torch.Tensor) -> torch.Tensor:
+        g = grads.to(self.padded.dtype)
+        g = g[:, : len(self.uniq)] if self.every_position else g[:, self.uniq]
+        prod = torch.bmm(self.padded, g.permute(1, 2, 0))  # [U, n_max, B]
+        return prod.view(-1, grads.shape[0]).index_select(0, self.flat)  # [n, B]
+
+
+class PositionKernel:
+    """``grad [B, P, d] -> [P, B, k]``: each position's gradient contracted with ``k`` vectors
+    of that position, ``vecs [P, d, k]`` (one ``bmm``)."""
+
+    def __init__(self, vecs: torch.Tensor) -> None:
+        self.vecs = vecs
+
+    def __call__(self, grads: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(grads.to(self.vecs.dtype).transpose(0, 1), self.vecs)
+
+
+@dataclass
+class RowTotals:
+    """Per row, the summed direct effect of *all* active features at each cell ``[L, P]``.
+
+    ``features[i]`` is the row of feature ``i`` (index into the step's components),
+    ``targets[k]`` the row of target ``k``. Residue nodes are these totals minus the expanded
+    features' edges (:func:`~difract_ext.attribution.residue.add_residue`).
+    """
+
+    features: dict[int, torch.Tensor] = field(default_factory=dict)
+    targets: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def stack(self, features: torch.Tensor, n_targets: int) -> torch.Tensor:
+        """``[len(features) + n_targets, L, P]``: the rows of ``features`` then targets ``0..K-1``.
+
+        Raises:
+            KeyError: a row that was never computed.
+        """
+        missing = [int(i) for i in features if int(i) not in self.features]
+        missing_t = [k for k in range(n_targets) if k not in self.targets]
+        if missing or missing_t:
+            raise KeyError(
+                f"row totals were never computed for features {missing[:5]} / targets "
+                f"{missing_t[:5]}: run the rows of every selected node first"
+            )
+        rows = [self.features[int(i)] for i in features] + [
+            self.targets[k] for k in range(n_targets)
+        ]
+        return torch.stack(rows)
+
+
+class StepEdges:
+    """The rows of one step's attribution graph, computed in batches of backward passes.
+
+    Usage (what circuit-tracer's ``attribute`` does through the adapter): install
+    :meth:`forward_hooks` and :meth:`backward_hooks` on the frozen model, run its forward at
+    ``B`` copies (``FrozenFlux.linear_forward(batch=B)``), then call :meth:`rows` as often as
+    needed (``retain_graph=False`` on the last call frees the graph).
+
+    Args:
+        components: the step's transcoder quantities (``N`` active features, ``L`` layers,
+            ``P`` positions, width ``d``).
+        token_vectors: ``[P, d]`` input embeddings (the input nodes' vectors).
+        targets: the targets rows ``0..K-1`` refer to.
+    """
+
+    def __init__(
+        self, components: StepComponents, token_vectors: torch.Tensor, targets: Sequence[TargetSpec]
+    ) -> None:
+        c = components
+        self.components = c
+        self.token_vectors = token_vectors
+        self.targets = list(targets)
+        self.n_layers, self.n_pos = (
+            int(c.activation_matrix.shape[0]),
+            int(c.activation_matrix.shape[1]),
+        )
+        self.n_features = c.n_active
+        self.row_size = self.n_features + (self.n_layers + 1) * self.n_pos
+        self.dtype = c.encoder_vecs.dtype
+        self.device = c.encoder_vecs.device
+        self.feature_totals = c.reconstruction - c.bias  # [L, P, d]: Σ a W_dec at (l, p)
+        self.totals = RowTotals()
+        #: MLP inputs ``[B, P, d]`` of layers ``0..L-1`` and the final residual (index ``L``),
+        #: cached by :meth:`forward_hooks`
+        self.resid: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rows: torch.Tensor | None = None  # [row_size, B] of the backward in flight
+        self._totals: torch.Tensor | None = None  # [B, L, P] of the backward in flight
+
+    @property
+    def batch(self) -> int:
+        """Rows per backward pass: the forward's batch."""
+        if self.resid[0] is None:
+            raise RuntimeError(
+                "run the frozen model's forward with forward_hooks() installed first"
+            )
+        return int(self.resid[0].shape[0])
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def forward_hooks(
+        self, input_hook: str = "mlp.hook_in", final_hook: str = "unembed.hook_pre"
+    ) -> list[Hook]:
+        """Hooks caching each layer's MLP input and the final residual (the injection points)."""
+        proxy = weakref.proxy(self)
+
+        def cache(acts: torch.Tensor, hook: Any, *, layer: int) -> torch.Tensor:
+            proxy.resid[layer] = acts
+            return acts
+
+        hooks: list[Hook] = [
+            (f"blocks.{layer}.{input_hook}", partial(cache, layer=layer))
+            for layer in range(self.n_layers)
+        ]
+        hooks.append((final_hook, partial(cache, layer=self.n_layers)))
+        return hooks
+
+    def backward_hooks(
+        self, output_hook: str = "mlp.hook_out", embed_hook: str = "hook_embed"
+    ) -> list[Hook]:
+        """Hooks contracting the gradients at every MLP output and at the input embeddings."""
+        c, n_pos = self.components, self.n_pos
+        hooks: list[Hook] = []
+        layers, positions = c.decoder_locations
+        for layer in range(self.n_layers):
+            mask = layers == layer
+            if bool(mask.any()):
+                rows = torch.nonzero(mask, as_tuple=True)[0]
+                kernel = FeatureKernel(positions[mask], c.decoder_vecs[mask])
+                hooks.append((f"blocks.{layer}.{output_hook}", self._feature_hook(kernel, rows)))
+        for layer in range(self.n_layers):
+            # error node and feature total of every position in one [P, B, d] x [P, d, 2] product
+            vecs = torch.stack([c.error_vectors[layer], self.feature_totals[layer]], dim=-1)
+            start = self.n_features + layer * n_pos
+            hooks.append(
+                (
+                    f"blocks.{layer}.{output_hook}",
+                    self._position_hook(PositionKernel(vecs), start, layer),
+                )
+            )
+        start = self.n_features + self.n_layers * n_pos
+        hooks.append(
+            (embed_hook, self._position_hook(PositionKernel(self.token_vectors[..., None]), start))
+        )
+        return hooks
+
+    def _feature_hook(self, kernel: FeatureKernel, rows: torch.Tensor) -> Callable[..., None]:
+        first, n = int(rows[0]), len(rows)
+        contiguous = bool(torch.equal(rows.cpu(), torch.arange(first, first + n)))
+        proxy = weakref.proxy(self)
+
+        def hook(grads: torch.Tensor, hook: Any) -> None:
+            vals = kernel(grads)
+            if contiguous:
+                proxy._rows[first : first + n] += vals
+            else:
+                proxy._rows.index_add_(0, rows, vals)
+
+        return hook
+
+    def _position_hook(
+        self, kernel: PositionKernel, start: int, totals_layer: int | None = None
+    ) -> Callable[..., None]:
+        """Column 0 of the product fills rows ``start .. start + P``; column 1 (if any) the
+        feature totals of ``totals_layer``."""
+        n_pos = kernel.vecs.shape[0]
+        proxy = weakref.proxy(self)
+
+        def hook(grads: torch.Tensor, hook: Any) -> None:
+            out = kernel(grads)  # [P, B, k]
+            proxy._rows[start : start + n_pos] += out[..., 0]
+            if totals_layer is not None:
+                proxy._totals[:, totals_layer] += out[..., 1].T
+
+        return hook
+
+    # ---- rows -----------------------------------------------------------------------------------
+    def rows(
+        self, index: torch.Tensor, *, targets: bool, retain_graph: bool = True
+    ) -> torch.Tensor:
+        """Rows ``[n, row_size]`` of features ``index`` (or of targets ``index``).
+
+        More rows than the forward's batch are sorted by layer and cut into backward passes of
+        that size, so each pass starts at its own rows' deepest layer (a feature's row never
+        needs the layers above it). Each row's totals go to :attr:`totals`.
+
+        The result may be a view of a buffer reused by the next call: copy it out first.
+        """
+        index = index.reshape(-1).long()
+        chunk, n = self.batch, len(index)
+        if n <= chunk:
+            return self._backward(index, targets, retain_graph)
+        layers = self._row_layers(index, targets)
+        order = torch.argsort(layers, stable=True)
+        out = torch.empty(n, self.row_size, dtype=self.dtype, device=self.device)
+        for start in range(0, n, chunk):
+            sel = order[start : start + chunk]
+            last = start + chunk >= n
+            out.index_copy_(
+                0,
+                sel.to(self.device),
+                self._backward(index[sel], targets, retain_graph if last else True),
+            )
+        return out
+
+    def _row_layers(self, index: torch.Tensor, targets: bool) -> torch.Tensor:
+        """``[n]`` the deepest layer each row injects at."""
+        if targets:
+            return torch.tensor(
+                [max(layer for layer, _, _ in self.targets[i].injections) for i in index.tolist()],
+                dtype=torch.long,
+            )
+        return self.components.decoder_locations[0][index].cpu()
+
+    def _injections(self, index: torch.Tensor, targets: bool) -> dict[int, list[Injection]]:
+        """``{layer: [(batch row, positions, vectors)]}`` of a backward batch."""
+        by_layer: dict[int, list[Injection]] = {}
+        if targets:
+            for b, i in enumerate(index.tolist()):
+                for layer, pos, vecs in self.targets[i].injections:
+                    by_layer.setdefault(layer, []).append((b, pos, vecs))
+            return by_layer
+        c = self.components
+        layers, positions = c.decoder_locations[0][index], c.decoder_locations[1][index]
+        vecs = c.encoder_vecs[index]
+        for b in range(len(index)):
+            by_layer.setdefault(int(layers[b]), []).append(
+                (b, positions[b : b + 1], vecs[b : b + 1])
+            )
+        return by_layer
+
+    def _backward(self, index: torch.Tensor, targets: bool, retain_graph: bool) -> torch.Tensor:
+        n, batch = len(index), self.batch
+        injections = self._injections(index, targets)
+        # reused across passes (a fresh allocation per pass costs page faults); the rows this
+        # returns are a view, copied out by the caller before the next pass
+        if self._buffers is None or self._buffers[0].shape[1] != batch:
+            self._buffers = (
+                torch.empty(self.row_size, batch, dtype=self.dtype, device=self.device),
+                torch.empty(batch, self.n_layers, self.n_pos, dtype=self.dtype, device=self.device),
+            )
+        self._rows, self._totals = self._buffers[0].zero_(), self._buffers[1].zero_()
+        handles = [
+            self.resid[layer].register_hook(  # type: ignore[union-attr]
+                partial(_inject, items=items)
+            )
+            for layer, items in injections.items()
+        ]
+        try:
+            # every injected layer is a root: an MLP input has no path to later layers (frozen MLP)
+            roots = [self.resid[layer] for layer in injections]
+            torch.autograd.backward(
+                roots,
+                grad_tensors=[torch.zeros_like(r) for r in roots],  # type: ignore[arg-type]
+                retain_graph=retain_graph,
+            )
+        finally:
+            for h in handles:
+                h.remove()
+        rows = self._rows[:, :n].T  # a view of the reused buffer (see above)
+        totals = self._totals[:n].clone()
+        self._rows = None
+        store = self.totals.targets if targets else self.totals.features
+        for b, i in enumerate(index.tolist()):
+            store[i] = totals[b]
+        return rows
+
+
+def _inject(grads: torch.Tensor, *, items: list[Injection]) -> torch.Tensor:
+    """Every (row, position, vector) of one layer added to its gradient in one ``index_put``."""
+    rows = torch.cat([torch.full((len(pos),), b, dtype=torch.long) for b, pos, _ in items])
+    pos = torch.cat([p.reshape(-1).long().cpu() for _, p, _ in items])
+    vals = torch.cat([v.reshape(-1, grads.shape[-1]) for _, _, v in items]).to(
+        grads.device, grads.dtype
+    )
+    return grads.index_put((rows.to(grads.device), pos.to(grads.device)), vals, accumulate=True)

@@ -1,10 +1,11 @@
-"""DifFRACT's released ``.pt`` checkpoints as our SAELens objects, and conversion to SAELens' layout.
+"""DifFRACT's released ``.pt`` checkpoints as our SAELens objects, and conversion to SAELens'
+layout.
 
 ::
 
     tc = load_difract_checkpoint("temporal-aware-transcoders/transcoder_img_3.pt")
-    tcs = load_difract_dir("temporal-aware-transcoders", layers=range(16))   # {Site: tc}
-    convert_difract_dir("temporal-aware-transcoders", "converted/")          # SAE.load_from_disk-able
+    tcs = load_difract_dir("temporal-aware-transcoders", layers=range(16))  # {Site: tc}
+    convert_difract_dir("temporal-aware-transcoders", "converted/")  # SAE.load_from_disk-able
 
 Loading memory-maps the file and keeps its tensors as they are (``W_enc``/``W_dec`` are transposed
 views), so a 1.2 GB release file is not copied into RAM.
@@ -132,8 +133,8 @@ def save_difract_checkpoint(module: Dictionary, path: str | Path) -> Path:
     """
     if module.activation.kind != "relu":
         raise CheckpointError(
-            f"DifFRACT's format has no {module.activation.kind!r} activation; only ReLU dictionaries "
-            "can be written as .pt files (use save_model for the SAELens layout)"
+            f"DifFRACT's format has no {module.activation.kind!r} activation; only ReLU "
+            "dictionaries can be written as .pt files (use save_model for the SAELens layout)"
         )
     path = Path(path)
     sd = from_dictionary_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
@@ -213,8 +214,8 @@ def convert_difract_dir(
     """Convert every DifFRACT file in ``src`` to SAELens' layout under ``dst``.
 
     Writes ``dst/{transcoders,saes}/{stream}_{layer}/{cfg.json, sae_weights.safetensors}`` (each
-    atomically) and ``dst/manifest.json`` listing source file, SHA-256, role, stream, layer and sizes.
-    Each result loads with ``SAE.load_from_disk`` once ``difract_ext`` is imported.
+    atomically) and ``dst/manifest.json`` listing source file, SHA-256, role, stream, layer and
+    sizes. Each result loads with ``SAE.load_from_disk`` once ``difract_ext`` is imported.
 
     Returns:
         The manifest path.

@@ -149,7 +149,8 @@ class FluxModel(DiffusionModel):
     def _wrap(self, module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
         if not isinstance(module, PipelineRoot):
             raise TypeError(
-                f"FluxModel wraps a diffusers pipeline, a hub id or a folder, not {type(module).__name__}"
+                "FluxModel wraps a diffusers pipeline, a hub id or a folder, "
+                f"not {type(module).__name__}"
             )
         self.pipeline = module.pipeline
         return module
@@ -221,7 +222,9 @@ class FluxModel(DiffusionModel):
 
     @property
     def timestep(self) -> Any:
-        """Inside a trace: the ``timestep`` the transformer receives at this step, ``[B]`` in [0, 1]."""
+        """Inside a trace: the ``timestep`` the transformer receives at this step, ``[B]`` in
+        [0, 1].
+        """
         return self.transformer.inputs[1]["timestep"]
 
     # ---- transcoders --------------------------------------------------------------------------

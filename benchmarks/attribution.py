@@ -171,26 +171,29 @@ def run_reference(args: argparse.Namespace, out: Path, batched_file: Path) -> di
         cache: dict[str, torch.Tensor] = {}
         grads: dict[str, torch.Tensor] = {}
         fwd = [
-            (f"blocks.{l}.mlp.hook_in", lambda t, hook: cache.__setitem__(hook.name, t))
-            for l in range(n_layers)
+            (f"blocks.{layer}.mlp.hook_in", lambda t, hook: cache.__setitem__(hook.name, t))
+            for layer in range(n_layers)
         ]
         fwd.append(("unembed.hook_pre", lambda t, hook: cache.__setitem__(hook.name, t)))
         bwd = [
-            (f"blocks.{l}.mlp.hook_out", lambda g, hook: grads.__setitem__(hook.name, g.detach()))
-            for l in range(n_layers)
+            (
+                f"blocks.{layer}.mlp.hook_out",
+                lambda g, hook: grads.__setitem__(hook.name, g.detach()),
+            )
+            for layer in range(n_layers)
         ]
         bwd.append(("hook_embed", lambda g, hook: grads.__setitem__("hook_embed", g.detach())))
         with frozen.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
             frozen(batch=1)
             inject(cache).backward()
         row = torch.zeros(c.n_active + (n_layers + 1) * n_pos)
-        for l in range(n_layers):
-            g = grads.get(f"blocks.{l}.mlp.hook_out", torch.zeros(1, n_pos, frozen.d_model))[0]
-            mask = c.decoder_locations[0] == l
+        for layer in range(n_layers):
+            g = grads.get(f"blocks.{layer}.mlp.hook_out", torch.zeros(1, n_pos, frozen.d_model))[0]
+            mask = c.decoder_locations[0] == layer
             pos = c.decoder_locations[1][mask]
             row[torch.nonzero(mask, as_tuple=True)[0]] = (g[pos] * c.decoder_vecs[mask]).sum(-1)
-            row[c.n_active + l * n_pos : c.n_active + (l + 1) * n_pos] = (
-                g * c.error_vectors[l]
+            row[c.n_active + layer * n_pos : c.n_active + (layer + 1) * n_pos] = (
+                g * c.error_vectors[layer]
             ).sum(-1)
         row[c.n_active + n_layers * n_pos :] = (grads["hook_embed"][0] * model.clean["embed"]).sum(
             -1
@@ -211,8 +214,8 @@ def run_reference(args: argparse.Namespace, out: Path, batched_file: Path) -> di
         enc = c.encoder_vecs[i]
         rows.append(
             one_row(
-                lambda cache, l=layer, p=pos, e=enc: (
-                    cache[f"blocks.{l}.mlp.hook_in"][0, p] * e
+                lambda cache, layer=layer, p=pos, e=enc: (
+                    cache[f"blocks.{layer}.mlp.hook_in"][0, p] * e
                 ).sum()
             )
         )
@@ -260,7 +263,10 @@ def main() -> None:
         "--backward-batch",
         type=int,
         default=32,
-        help="rows per backward pass; larger batches are layer-sorted into these (32 is fastest on CPU)",
+        help=(
+            "rows per backward pass; larger batches are layer-sorted into these "
+            "(32 is fastest on CPU)"
+        ),
     )
     p.add_argument(
         "--d-sae", type=int, default=512, help="width of random transcoders if none are shipped"
@@ -280,11 +286,14 @@ def main() -> None:
         print(json.dumps(info))
         return
     print(
-        f"model={args.model} feature rows={args.nodes} batch={args.batch}/{args.backward_batch} threads={args.threads} torch={torch.__version__}"
+        f"model={args.model} feature rows={args.nodes} "
+        f"batch={args.batch}/{args.backward_batch} threads={args.threads} "
+        f"torch={torch.__version__}"
     )
     print(
-        f"{'size':>5} {'P':>5} {'L':>3} {'active':>7} {'rows':>5} {'batched s':>10} {'reference s':>12} "
-        f"{'speed-up':>9} {'RSS batched':>12} {'RSS ref':>8} {'max rel diff':>13}"
+        f"{'size':>5} {'P':>5} {'L':>3} {'active':>7} {'rows':>5} {'batched s':>10} "
+        f"{'reference s':>12} {'speed-up':>9} {'RSS batched':>12} {'RSS ref':>8} "
+        f"{'max rel diff':>13}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
@@ -359,10 +368,11 @@ def flux_estimate() -> str:
     batched = fwd + rows * row_bwd + targets * block_bwd * (n_double + n_single)
     rate = 400e12  # sustained bf16 FLOP/s on one H100-class GPU (assumption)
     return (
-        f"FLUX.1 estimate (512 px, {rows} feature rows + {targets} targets, {rate / 1e12:.0f} TFLOP/s "
-        f"sustained): per-node {per_node / rate / 60:.1f} min, batched {batched / rate:.0f} s of FLOPs "
-        f"({per_node / batched:.0f}x); the dense adjacency (every block a layer, as FrozenFlux lays it out) "
-        f"would be ~{(rows + (n_double + n_single + 1) * tokens) ** 2 * 4 / 1e9:.0f} GB fp32."
+        f"FLUX.1 estimate (512 px, {rows} feature rows + {targets} targets, "
+        f"{rate / 1e12:.0f} TFLOP/s sustained): per-node {per_node / rate / 60:.1f} min, "
+        f"batched {batched / rate:.0f} s of FLOPs ({per_node / batched:.0f}x); the dense "
+        "adjacency (every block a layer, as FrozenFlux lays it out) would be "
+        f"~{(rows + (n_double + n_single + 1) * tokens) ** 2 * 4 / 1e9:.0f} GB fp32."
     )
 
 

@@ -35,7 +35,9 @@ from difract_ext.toy.world import split_prompts  # noqa: E402
 def _expand(
     prompts: list[str], seeds_per_prompt: int, max_prompts: int | None = None
 ) -> tuple[list[str], list[int]]:
-    """(prompt, seed) pairs: seeds 0..k-1 for each prompt (an optional fixed random subset of prompts)."""
+    """(prompt, seed) pairs: seeds 0..k-1 for each prompt (an optional fixed random subset of
+    prompts).
+    """
     if max_prompts is not None and len(prompts) > max_prompts:
         pick = np.random.default_rng(0).choice(len(prompts), max_prompts, replace=False)
         prompts = [prompts[i] for i in sorted(pick)]

@@ -120,7 +120,8 @@ def main() -> None:
         print(f"{name:58s} {1000 * med:10.2f} {med / base:7.3f}x")
     ratio = statistics.median(times["flux.trace, empty"]) / base
     print(
-        f"goal: empty trace <= 1.15x plain -> {'met' if ratio <= 1.15 else 'NOT met'} ({ratio:.3f}x)"
+        "goal: empty trace <= 1.15x plain -> "
+        f"{'met' if ratio <= 1.15 else 'NOT met'} ({ratio:.3f}x)"
     )
 
 

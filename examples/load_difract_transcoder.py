@@ -1,6 +1,7 @@
 """Load DifFRACT transcoders as SAELens objects and encode a FLUX MLP input at its timestep.
 
-With the released weights (a local copy of the Hub repo ``Artalmaz31/DifFRACT``) and FLUX.1-schnell::
+With the released weights (a local copy of the Hub repo ``Artalmaz31/DifFRACT``) and
+FLUX.1-schnell::
 
     python examples/load_difract_transcoder.py \\
         --checkpoints DifFRACT/temporal-aware-transcoders --model black-forest-labs/FLUX.1-schnell
@@ -101,7 +102,8 @@ def main() -> None:
                 y_hat, z = tc.to(x.device).forward_with_activations(x, t=t)
             fvu = float(((y - y_hat) ** 2).sum() / ((y - y.mean(dim=(0, 1))) ** 2).sum())
             print(
-                f"t={t:.8g}  x {tuple(x.shape)}  mean L0 {float((z > 0).sum(-1).float().mean()):.1f}"
+                f"t={t:.8g}  x {tuple(x.shape)}  "
+                f"mean L0 {float((z > 0).sum(-1).float().mean()):.1f}"
                 f"  FVU {fvu:.3f}"
             )
 

@@ -1,4 +1,5 @@
-"""Trace a FLUX pipeline with nnsight: read MLPs and the timestep per step, edit transcoder features.
+"""Trace a FLUX pipeline with nnsight: read MLPs and the timestep per step, edit transcoder
+features.
 
     python examples/trace_flux.py [--model shapes|tiny] [--out outputs/trace_flux]
 

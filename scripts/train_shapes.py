@@ -4,7 +4,8 @@
 Reproduces the shipped model with the defaults::
 
     HF_HUB_OFFLINE=1 python scripts/train_shapes.py --out runs/shapes
-    HF_HUB_OFFLINE=1 python scripts/train_shapes.py --out runs/shapes --resume   # after an interruption
+    # after an interruption:
+    HF_HUB_OFFLINE=1 python scripts/train_shapes.py --out runs/shapes --resume
     HF_HUB_OFFLINE=1 python scripts/train_shapes.py --out runs/shapes --export-only \
         --export difract_ext/toy/weights/shapes-flux
 

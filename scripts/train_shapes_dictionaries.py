@@ -14,9 +14,9 @@ Stages (each resumes or is skipped when its output exists; ``--fresh`` starts ov
    Targets on the held-out harvest, every shipped transcoder: EV >= 0.9, dead < 5%, L0 <= 25%.
 3. **eval** on the held-out harvest: FVU / EV / cosine / L0 / dead / dense per timestep, curves,
    spliced generation (each MLP alone, then all) with the shapes analyzer's prompt adherence.
-4. **ship**: the shipping dictionaries to ``difract_ext/toy/dictionaries/{transcoders,saes}/{site}/``
-   (SAELens folders + ``metrics.json`` with the held-out numbers), ``index.json``, ``EVAL.md`` and
-   the curves PNG.
+4. **ship**: the shipping dictionaries to
+   ``difract_ext/toy/dictionaries/{transcoders,saes}/{site}/`` (SAELens folders + ``metrics.json``
+   with the held-out numbers), ``index.json``, ``EVAL.md`` and the curves PNG.
 
 Single-stream blocks are not included: their MLP output is fused with attention in ``proj_out``
 (no separate "MLP output before the gate"), and :class:`~difract_ext.flux.sites.Site` has no such
@@ -24,8 +24,10 @@ site yet.
 
 Usage::
 
-    python scripts/train_shapes_dictionaries.py                  # harvests, then ~15 min of training (2 cores)
-    python scripts/train_shapes_dictionaries.py --quick --no-ship --work /tmp/sd   # smoke test
+    # harvests, then ~15 min of training (2 cores):
+    python scripts/train_shapes_dictionaries.py
+    # smoke test:
+    python scripts/train_shapes_dictionaries.py --quick --no-ship --work /tmp/sd
 """
 
 from __future__ import annotations
@@ -202,7 +204,8 @@ def stage_harvest(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     )
     out = []
     # held-out: every image token (more rows make "never active" = dead a fairer count)
-    # held-out batch 8: the shipped evaluation's harvest was made so (batching is part of a harvest's identity)
+    # held-out batch 8: the shipped evaluation's harvest was made so (batching is part of a
+    # harvest's identity)
     for name, prompts, seeds, sub, batch in (
         ("harvest-train", train_prompts, range(args.seeds), args.img_subsample, 32),
         ("harvest-held", held_prompts, range(1000, 1000 + args.held_seeds), 1, 8),

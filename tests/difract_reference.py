@@ -1,11 +1,13 @@
 """An independent re-statement of DifFRACT's transcoder, written from the paper's formula.
 
-It shares no code with difract_ext: the embedding is spelled out element by element (no diffusers),
-and the modules are plain ``nn.Linear`` with DifFRACT's key names. Used as the golden reference.
+It shares no code with difract_ext: the embedding is spelled out element by element (no
+diffusers), and the modules are plain ``nn.Linear`` with DifFRACT's key names. Used as the golden
+reference.
 
-Formula (difract_reference.md §1.3): emb = [sin(t f_k), cos(t f_k)], f_k = exp(-ln(10000) k/(half-1));
-h = SiLU(W2 SiLU(W1 emb + b1) + b2); (scale, shift) = split(mod_linear(h)); x_mod = x(1+scale)+shift;
-z = ReLU(encoder(x_mod)); y = decoder(z).
+Formula (difract_reference.md §1.3): emb = [sin(t f_k), cos(t f_k)],
+f_k = exp(-ln(10000) k/(half-1)); h = SiLU(W2 SiLU(W1 emb + b1) + b2);
+(scale, shift) = split(mod_linear(h)); x_mod = x(1+scale)+shift; z = ReLU(encoder(x_mod));
+y = decoder(z).
 """
 
 from __future__ import annotations

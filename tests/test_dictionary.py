@@ -1,4 +1,6 @@
-"""The conditioned-dictionary core: embedding, activations, t broadcasting, folding, decoder norms."""
+"""The conditioned-dictionary core: embedding, activations, t broadcasting, folding, decoder
+norms.
+"""
 
 from __future__ import annotations
 

@@ -56,7 +56,9 @@ WORKER = textwrap.dedent("""
     out = Path(sys.argv[2])
     tiny = load_pipeline("tiny")
     harvest(tiny.pipe, T.PROMPTS, out / "harvest", T.harvest_config(tiny), progress=False)
-    res = train_dictionaries(out / "data", T.SPECS, out / "ddp", T.TRAIN_CFG, progress=False, io=SAELENS_IO)
+    res = train_dictionaries(
+        out / "data", T.SPECS, out / "ddp", T.TRAIN_CFG, progress=False, io=SAELENS_IO
+    )
     rank = process_state().process_index
     torch.save({k: m.state_dict() for k, m in res.modules.items()}, out / f"rank{rank}.pt")
 """)

@@ -1,4 +1,5 @@
-"""``kill -9`` in the middle of `difract harvest` / `difract train`, then ``--resume``: nothing lost.
+"""``kill -9`` in the middle of `difract harvest` / `difract train`, then ``--resume``: nothing
+lost.
 
 Each command runs in a subprocess that is SIGKILLed once it has committed some work (shards, a
 checkpoint); the resumed run must end bit-identical to an uninterrupted one (one thread each).
@@ -32,7 +33,9 @@ def _run(args: list[str]) -> None:
 def _kill_when(
     args: list[str], ready: Callable[[], bool], then: float = 0.0, timeout: float = 300.0
 ) -> None:
-    """Start the command, SIGKILL it ``then`` seconds after ``ready()`` holds; fail if it ends first."""
+    """Start the command, SIGKILL it ``then`` seconds after ``ready()`` holds; fail if it ends
+    first.
+    """
     proc = subprocess.Popen(
         CLI + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -104,8 +104,12 @@ print("OK")
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
-def test_adapters_live_inside_the_package() -> None:
-    """``difract_ext/adapters/`` is a plain subpackage (import-linter sees it; no package-dir map)."""
+def test_adapters_folder_is_the_subpackage() -> None:
+    """``adapters/`` is installed as ``difract_ext.adapters``; ``difract_ext/adapters`` is a
+    symlink to it (so import-linter and setuptools' discovery see the subpackage)."""
     import difract_ext.adapters.dictionaries as mod
 
-    assert Path(mod.__file__).parent == ROOT / "difract_ext" / "adapters"
+    link = ROOT / "difract_ext" / "adapters"
+    assert (ROOT / "adapters").is_dir() and not (ROOT / "adapters").is_symlink()
+    assert link.is_symlink() and link.resolve() == (ROOT / "adapters").resolve()
+    assert Path(mod.__file__).resolve().parent == (ROOT / "adapters").resolve()

@@ -55,12 +55,15 @@ for layer in range(8):
 """
 
 RUNNER = """
-import sys
+import linecache
 blocks = {blocks!r}
+readme = {readme!r}
+text = open(readme).read()
+# nnsight reads a trace's `with` body back from its source: README.md is that source
+linecache.cache[readme] = (len(text), None, text.splitlines(True), readme)
 ns = {{"__name__": "__main__"}}
 for line, src in blocks:
-    code = compile("\\n" * (line - 1) + src, "README.md", "exec")
-    exec(code, ns)
+    exec(compile("\\n" * (line - 1) + src, readme, "exec"), ns)
     print(f"README block at line {{line}}: ok", flush=True)
 """
 
@@ -78,7 +81,7 @@ def test_readme_python_blocks_run_as_written(tmp_path: Path) -> None:
     assert prep.returncode == 0, prep.stderr[-3000:]
     blocks = readme_blocks()
     res = subprocess.run(
-        [sys.executable, "-c", RUNNER.format(blocks=blocks)],
+        [sys.executable, "-c", RUNNER.format(blocks=blocks, readme=str(ROOT / "README.md"))],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -1,4 +1,6 @@
-"""The shipped shapes-model dictionaries (``difract_ext/toy/dictionaries``): complete, loadable, faithful."""
+"""The shipped shapes-model dictionaries (``difract_ext/toy/dictionaries``): complete, loadable,
+faithful.
+"""
 
 from __future__ import annotations
 
@@ -70,7 +72,9 @@ def test_all_transcoders_spliced_keep_generation_close() -> None:
 def test_shipped_transcoders_meet_targets_and_their_records_hold_on_fresh_held_out_rows(
     tmp_path: Path,
 ) -> None:
-    """Recorded held-out metrics meet the targets; a fresh harvest (other seed) reproduces EV and L0."""
+    """Recorded held-out metrics meet the targets; a fresh harvest (other seed) reproduces EV and
+    L0.
+    """
     from difract_ext.capture import HarvestConfig, harvest
     from difract_ext.cli.sources import load_pipeline, load_prompts
     from difract_ext.training import evaluate_dictionaries, load_dictionaries

@@ -1,4 +1,5 @@
-"""Fine-tuning the shapes pipeline (``TrainConfig.init_from``): stage 2 of scripts/reproduce_shapes.sh.
+"""Fine-tuning the shapes pipeline (``TrainConfig.init_from``): stage 2 of
+scripts/reproduce_shapes.sh.
 
 A few steps on a tiny render set: the VAE is taken over unchanged, the new text encoder carries
 the requested word-order bias, snapshots and ``stop_at`` work, a second call resumes, and the

@@ -190,7 +190,8 @@ def test_replace_mode(pipe, width) -> None:
         out2 = tracer.result.save()
     assert (out2.images - base).abs().max() > 1e-3  # pure reconstruction changes the image
 
-    def hook(mod, args, y, box={}):  # hand version of pure replacement
+    def hook(mod, args, y, box=None):  # hand version of pure replacement
+        box = {} if box is None else box
         return tc(args[0], t=box["t"])
 
     box: dict = {}

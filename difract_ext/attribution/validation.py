@@ -44,7 +44,9 @@ def _layout(result: Any) -> SourceLayout:
 
 
 def _feature_vectors(result: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[n_feat, 2]`` (layer, pos) and ``[n_feat, d]`` decoder contribution of each feature node."""
+    """``[n_feat, 2]`` (layer, pos) and ``[n_feat, d]`` decoder contribution of each feature
+    node.
+    """
     g, c = result.graph, result.components
     feats = g.active_features[g.selected_features]
     n_active = c.n_active

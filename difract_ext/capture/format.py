@@ -249,7 +249,8 @@ class HarvestReader:
         """One shard's rows of ``stream`` for ``sites``, padding rows removed if ``valid_only``.
 
         Returns:
-            ``{"t": [N], "prompt", "seed", "step", "pos": [N], "{key}.x": [N, D], "{key}.y": [N, D]}``.
+            ``{"t": [N], "prompt", "seed", "step", "pos": [N],
+            "{key}.x": [N, D], "{key}.y": [N, D]}``.
         """
         keys = [f"{stream}.{f}" for f in ROW_FIELDS]
         for site in sites:

@@ -138,7 +138,8 @@ class HarvestConfig:
         ):
             raise ValueError(
                 "true CFG runs the transformer twice per step (conditional and unconditional); "
-                "harvesting would mix both branches. Harvest without negative_prompt/true_cfg_scale."
+                "harvesting would mix both branches. "
+                "Harvest without negative_prompt/true_cfg_scale."
             )
         for key in ("prompt", "generator", "output_type", "num_images_per_prompt"):
             if key in self.call_kwargs:
@@ -288,7 +289,9 @@ class _StepCapture:
 
 
 def _text_valid(pipe: Any, prompts: list[str], max_len: int) -> torch.Tensor:
-    """``[B, max_len]`` bool: T5 positions that hold a real token (the pipeline's own tokenisation)."""
+    """``[B, max_len]`` bool: T5 positions that hold a real token (the pipeline's own
+    tokenisation).
+    """
     enc = pipe.tokenizer_2(
         prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
     )
@@ -453,7 +456,8 @@ def harvest(
         a :class:`HarvestResult` over every process's shards.
 
     Raises:
-        HarvestFormatError: ``out_dir`` holds a harvest and ``resume`` is False, or its config differs.
+        HarvestFormatError: ``out_dir`` holds a harvest and ``resume`` is False, or its config
+            differs.
     """
     prompts = [str(p) for p in prompts]
     if not prompts:

@@ -3,8 +3,10 @@
 ``accelerate``'s CPU path only forms a process group when asked for the CPU explicitly; we do so
 when ``ACCELERATE_USE_CPU`` is set or no CUDA device exists. So all of these give 2 processes:
 
-    accelerate launch --multi_gpu --num_processes 2 -m difract_ext.cli train ...   # GPUs, or CPU-only host
-    torchrun --nproc_per_node 2 -m difract_ext.cli train ...                       # any host
+    # GPUs, or a CPU-only host:
+    accelerate launch --multi_gpu --num_processes 2 -m difract_ext.cli train ...
+    # any host:
+    torchrun --nproc_per_node 2 -m difract_ext.cli train ...
 """
 
 from __future__ import annotations

@@ -103,7 +103,9 @@ def build_targets(
     dictionaries: Mapping[Site, Any],
     palette: Mapping[str, Any],
 ) -> Callable[[Any], list[Any]]:
-    """A ``model -> [TargetSpec]`` factory for :func:`~difract_ext.adapters.attribution.attribute_step`."""
+    """A ``model -> [TargetSpec]`` factory for
+    :func:`~difract_ext.adapters.attribution.attribute_step`.
+    """
     from difract_ext.replacement.targets import feature_target, output_target
 
     colours = {r.colour for r in requests if r.colour}

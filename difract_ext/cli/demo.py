@@ -99,7 +99,8 @@ def run_demo(
             else:
                 ax.set_title(f"seed {seeds[j]}", fontsize=7)
     fig.suptitle(
-        f"shapes FLUX (4 Euler steps, no guidance): {n_ok}/{rows * cols} fully correct per analyzer",
+        "shapes FLUX (4 Euler steps, no guidance): "
+        f"{n_ok}/{rows * cols} fully correct per analyzer",
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.985))

@@ -142,8 +142,8 @@ def run_evaluation(
         "# Held-out evaluation",
         "",
         f"Data: `{reader.root}` ({len(reader.prompts)} prompts, "
-        f"rows {dict((s, reader.n_rows(s)) for s in reader.streams)}); overlap with training prompts: "
-        f"{len(overlap)}.",
+        f"rows {dict((s, reader.n_rows(s)) for s in reader.streams)}); "
+        f"overlap with training prompts: {len(overlap)}.",
         "",
         "## All timesteps",
         "",

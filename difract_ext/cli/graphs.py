@@ -73,10 +73,11 @@ def add_graph_commands(sub: Any) -> None:
         "attribute",
         help="attribution graph of one denoising step (circuit-tracer), written for its frontend",
         description=(
-            "Run the prompt up to --step, build the local replacement model there (frozen attention "
-            "and LayerNorms, transcoders folded at the step's t, error nodes), attribute the targets "
-            "with circuit-tracer's attribute(), validate (conservation, unfrozen ablation), and write "
-            "OUT/{slug}.json, OUT/{slug}.png, OUT/{slug}.report.json and OUT/graph-metadata.json."
+            "Run the prompt up to --step, build the local replacement model there "
+            "(frozen attention and LayerNorms, transcoders folded at the step's t, error nodes), "
+            "attribute the targets with circuit-tracer's attribute(), validate (conservation, "
+            "unfrozen ablation), and write OUT/{slug}.json, OUT/{slug}.png, "
+            "OUT/{slug}.report.json and OUT/graph-metadata.json."
         ),
     )
     p.add_argument("--prompt", required=True, help="one prompt (graphs are per prompt and seed)")
@@ -119,7 +120,9 @@ def add_graph_commands(sub: Any) -> None:
     p.add_argument(
         "--batch-size",
         type=int,
-        help="circuit-tracer's batch: rows per compute_batch call (default: 128 on CPU, 256 on GPU)",
+        help=(
+            "circuit-tracer's batch: rows per compute_batch call (default: 128 on CPU, 256 on GPU)"
+        ),
     )
     p.add_argument(
         "--backward-batch",
@@ -141,7 +144,9 @@ def add_graph_commands(sub: Any) -> None:
     s = sub.add_parser(
         "serve",
         help="serve graph files to the (patched, offline) circuit-tracer frontend",
-        description="Serve DIR on 127.0.0.1 only; no file outside DIR or the frontend assets can be read.",
+        description=(
+            "Serve DIR on 127.0.0.1 only; no file outside DIR or the frontend assets can be read."
+        ),
     )
     s.add_argument("dir", metavar="DIR", help="folder written by `difract attribute`")
     s.add_argument("--port", type=int, default=8041, help="port on 127.0.0.1 (default 8041)")

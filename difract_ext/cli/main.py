@@ -39,14 +39,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     graphs = Path(args.out) / "graphs"
     report = demo_graph(graphs)
     print(
-        f"attribution graph of step 1 of {DEMO_PROMPT!r}, target x0:red@left (how red is the left object):"
+        f"attribution graph of step 1 of {DEMO_PROMPT!r}, "
+        "target x0:red@left (how red is the left object):"
     )
     print(f"  {report['graph_file']}")
     print(
-        f"  nodes: {report['n_feature_nodes']} features + {report['n_residue_nodes']} residue; replacement "
-        f"score {report['replacement_score']:.3f}, completeness {report['completeness_score']:.3f}, "
-        f"conservation error {report['conservation']['max_rel_error']:.1e}, unfrozen ablation Spearman "
-        f"{report['unfrozen_ablation_spearman']:.2f}"
+        f"  nodes: {report['n_feature_nodes']} features + {report['n_residue_nodes']} residue; "
+        f"replacement score {report['replacement_score']:.3f}, "
+        f"completeness {report['completeness_score']:.3f}, "
+        f"conservation error {report['conservation']['max_rel_error']:.1e}, "
+        f"unfrozen ablation Spearman {report['unfrozen_ablation_spearman']:.2f}"
     )
     print(f"view it with:  .venv/bin/difract serve {graphs}   (then open http://127.0.0.1:8041/)")
     return 0
@@ -144,7 +146,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     for r in summary.splice:
         print(
-            f"splice {r['spliced']}: latent cosine {r['latent_cosine']:.4f}  mse {r['latent_mse']:.3g}"
+            f"splice {r['spliced']}: latent cosine {r['latent_cosine']:.4f}  "
+            f"mse {r['latent_mse']:.3g}"
         )
     print(f"report: {summary.files['markdown']}")
     return 0
@@ -162,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="convert DifFRACT .pt checkpoints to SAELens folders",
         description=(
-            "Read every {transcoder,sae}_{img,txt}_{layer}.pt in SRC_DIR (weights-only, memory-mapped) "
-            "and write DST_DIR/{transcoders,saes}/{stream}_{layer}/ (cfg.json + "
+            "Read every {transcoder,sae}_{img,txt}_{layer}.pt in SRC_DIR (weights-only, "
+            "memory-mapped) and write DST_DIR/{transcoders,saes}/{stream}_{layer}/ (cfg.json + "
             "sae_weights.safetensors) plus DST_DIR/manifest.json (source file, sha256). Load the "
             "results with sae_lens.SAE.load_from_disk after `import difract_ext`."
         ),
@@ -240,7 +243,10 @@ def _add_harvest(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="pipeline: 'shapes' (shipped toy), 'tiny[:SEED]' (random toy), or a FluxPipeline folder / Hub id",
+        help=(
+            "pipeline: 'shapes' (shipped toy), 'tiny[:SEED]' (random toy), "
+            "or a FluxPipeline folder / Hub id"
+        ),
     )
     p.add_argument(
         "--prompts",

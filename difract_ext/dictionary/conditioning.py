@@ -304,7 +304,9 @@ class TimestepConditioned:
         return scale, shift
 
     def condition(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``x ⊙ (1 + scale(t)) + shift(t)`` for ``x [..., d_in]`` and ``t`` scalar or ``x``'s lead."""
+        """``x ⊙ (1 + scale(t)) + shift(t)`` for ``x [..., d_in]`` and ``t`` scalar or ``x``'s
+        lead.
+        """
         scale, shift = self.film(t)
         shape = broadcast_shape_for(t, x) + (scale.shape[-1],)
         return x * (1 + scale.reshape(shape)) + shift.reshape(shape)

@@ -196,7 +196,8 @@ def validate_difract_state_dict(
         if got != shape:
             raise CheckpointError(
                 f"{where}: key {key!r} has shape {list(got)}, expected {list(shape)} "
-                f"(d_model={dims.d_model}, d_feat={dims.d_feat}, d_t={dims.d_t} read from the biases)"
+                f"(d_model={dims.d_model}, d_feat={dims.d_feat}, d_t={dims.d_t} "
+                "read from the biases)"
             )
         if not sd[key].is_floating_point():
             raise CheckpointError(
@@ -211,10 +212,11 @@ def validate_difract_state_dict(
         if float(dev.max()) > decoder_norm_atol:
             worst = int(dev.argmax())
             raise CheckpointError(
-                f"{where}: key 'decoder.weight' has non-unit columns ({int((dev > decoder_norm_atol).sum())} "
-                f"of {dev.numel()}; feature {worst} has norm {float(norms[worst]):.6f}, tolerance "
-                f"{decoder_norm_atol}). DifFRACT renormalises every decoder column to 1, so this is "
-                "not a DifFRACT checkpoint or it is corrupted; pass decoder_norm_atol=None to load anyway."
+                f"{where}: key 'decoder.weight' has non-unit columns "
+                f"({int((dev > decoder_norm_atol).sum())} of {dev.numel()}; feature {worst} has "
+                f"norm {float(norms[worst]):.6f}, tolerance {decoder_norm_atol}). DifFRACT "
+                "renormalises every decoder column to 1, so this is not a DifFRACT checkpoint or "
+                "it is corrupted; pass decoder_norm_atol=None to load anyway."
             )
     return dims
 

@@ -3,7 +3,8 @@
 FLUX's transformer predicts velocities over *packed* latents: each image patch is a vector of
 ``4 * latent_channels`` numbers (2×2 latent pixels × channels), normalised as the pipeline does
 (``(z − shift_factor) · scaling_factor``). A colour's direction is the mean packed latent of an
-image filled with that colour minus the mean over a palette, measured through the pipeline's own VAE.
+image filled with that colour minus the mean over a palette, measured through the pipeline's own
+VAE.
 """
 
 from __future__ import annotations

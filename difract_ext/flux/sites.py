@@ -138,7 +138,9 @@ def as_site(key: object) -> Site:
 
 
 def as_site_dict(mapping: Mapping[Any, V], what: str = "dictionaries") -> dict[Site, V]:
-    """``{key: value}`` with every key converted by :func:`as_site` (two keys for one site: error)."""
+    """``{key: value}`` with every key converted by :func:`as_site` (two keys for one site:
+    error).
+    """
     if not isinstance(mapping, Mapping):
         raise TypeError(f"{what} must be a mapping {{Site: value}}, got {type(mapping).__name__}")
     out: dict[Site, V] = {}

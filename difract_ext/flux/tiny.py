@@ -102,7 +102,9 @@ class TinyFluxConfig:
 
 
 def schnell_scheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
-    """Flow-matching Euler scheduler configured like FLUX.1-schnell (static shift, no dynamic shifting)."""
+    """Flow-matching Euler scheduler configured like FLUX.1-schnell (static shift, no dynamic
+    shifting).
+    """
     return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False
     )
@@ -168,7 +170,8 @@ def build_tiny_flux_pipeline(
     cfg = config or TinyFluxConfig()
     if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
         raise ValueError(
-            f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim {cfg.attention_head_dim}"
+            f"axes_dims_rope {cfg.axes_dims_rope} must sum to "
+            f"attention_head_dim {cfg.attention_head_dim}"
         )
     if tokenizer_dir is None:
         with tempfile.TemporaryDirectory() as tmp:

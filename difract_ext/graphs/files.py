@@ -313,7 +313,8 @@ def write_graph_files(
     atomically; serve the folder with :func:`difract_ext.graphs.server.serve`.
 
     Args:
-        graph: circuit-tracer graph (standard layout, see :mod:`difract_ext.attribution.graph_meta`).
+        graph: circuit-tracer graph (standard layout, see
+            :mod:`difract_ext.attribution.graph_meta`).
         meta: positions, layers and the run the graph belongs to.
         out_dir: the data folder (created if missing).
         slug: file stem / id (letters, digits, ``._-``).

@@ -281,9 +281,9 @@ def serve_forever(
     prints its one banner there, with the real URL).
     """
     server = serve(data_dir, port=port)
-    if ready is not None:
-        ready(server)
-    try:
+    try:  # a Ctrl-C during ready() too must stop the (non-daemon) server thread
+        if ready is not None:
+            ready(server)
         server.server_thread.join()
     except KeyboardInterrupt:
         pass

@@ -1,10 +1,10 @@
 """A small synthetic FLUX-style attribution graph, for tests and for trying the frontend.
 
-The graph follows the standard layout (:mod:`difract_ext.attribution.graph_meta`): double-stream layers
-carry image- and text-stream features (and one unexplored-feature residue node each), every layer
-has error nodes, inputs are one per position, and the targets sit on top. Edges only go from a
-lower level (inputs < layer 0 < layer 1 < ... < targets) to a higher one, so the adjacency is a DAG.
-A few positions take no part at all, so they disappear from the written graph.
+The graph follows the standard layout (:mod:`difract_ext.attribution.graph_meta`): double-stream
+layers carry image- and text-stream features (and one unexplored-feature residue node each), every
+layer has error nodes, inputs are one per position, and the targets sit on top. Edges only go from
+a lower level (inputs < layer 0 < layer 1 < ... < targets) to a higher one, so the adjacency is a
+DAG. A few positions take no part at all, so they disappear from the written graph.
 """
 
 from __future__ import annotations

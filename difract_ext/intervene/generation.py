@@ -61,7 +61,9 @@ def generate_latents(
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in ss]
         box: dict[str, torch.Tensor] = {}
 
-        def grab(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+        def grab(
+            p: Any, i: int, t: Any, kw: dict[str, Any], box: dict[str, torch.Tensor] = box
+        ) -> dict[str, Any]:
             box["latents"] = kw["latents"]
             return kw
 

@@ -74,7 +74,9 @@ class TranscoderSite(nn.Module):
         self.keep_error = keep_error
 
     def splice(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """New MLP output for input ``x [B, S, d_in]``, true output ``y [B, S, d_out]``, ``t [B]``."""
+        """New MLP output for input ``x [B, S, d_in]``, true output ``y [B, S, d_out]``,
+        ``t [B]``.
+        """
         dic: Any = self.dictionary
         dtype = dic.W_dec.dtype
         with torch.no_grad():

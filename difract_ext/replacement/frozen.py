@@ -39,7 +39,8 @@ from difract_ext.replacement.inputs import FluxStepInput
 
 @contextmanager
 def frozen_parameters(module: nn.Module) -> Iterator[None]:
-    """Turn off ``requires_grad`` on every parameter of ``module`` inside the block (restored after).
+    """Turn off ``requires_grad`` on every parameter of ``module`` inside the block (restored
+    after).
 
     Attribution needs gradients with respect to activations only: with trainable weights every
     backward pass would also compute (and accumulate into ``.grad``) weight gradients, which
@@ -61,7 +62,8 @@ def _straight(exact: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
 
 
 class _Constant(torch.autograd.Function):
-    """``value`` (broadcast to ``like``'s shape) as a node of ``like``'s graph that passes no gradient.
+    """``value`` (broadcast to ``like``'s shape) as a node of ``like``'s graph that passes no
+    gradient.
 
     Downstream backward hooks still fire on it (it requires grad), but backward does no work
     for it: cheaper than ``value + like * 0``.

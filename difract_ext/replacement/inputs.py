@@ -122,7 +122,8 @@ def capture_step_input(
     num_inference_steps = int(call.pop("num_inference_steps"))
     if not 0 <= step < num_inference_steps:
         raise ValueError(
-            f"step {step} out of range: the run has {num_inference_steps} steps (0..{num_inference_steps - 1})"
+            f"step {step} out of range: the run has {num_inference_steps} steps "
+            f"(0..{num_inference_steps - 1})"
         )
     tf = pipeline.transformer
     seen: dict[str, Any] = {"calls": 0}

@@ -122,7 +122,8 @@ def output_target(
         u = u.expand(pos.numel(), -1)
     if tuple(u.shape) != (pos.numel(), c_out):
         raise ValueError(
-            f"direction has shape {list(direction.shape)}; expected [{c_out}] or [{pos.numel()}, {c_out}]"
+            f"direction has shape {list(direction.shape)}; "
+            f"expected [{c_out}] or [{pos.numel()}, {c_out}]"
         )
     scale = 1.0 if kind == "velocity" else -step.t
     vecs = scale * (u @ proj.weight)  # [k, d]: ∂(u·proj(h))/∂h, times -t for x0

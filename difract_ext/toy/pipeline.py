@@ -84,14 +84,16 @@ def shapes_vocabulary() -> tuple[str, ...]:
 
 
 SHAPES_T5_LOCAL_STRENGTH = 1.0
-"""T5 local-attention bias of the shipped model (see :func:`~difract_ext.flux.tiny.set_t5_local_attention`).
+"""T5 local-attention bias of the shipped model (see
+:func:`~difract_ext.flux.tiny.set_t5_local_attention`).
 
-Weak on purpose: at 1.0 a head puts ~15 % of its attention on its neighbour among 16 tokens (vs ~99.5 % at
-8.0), so the text states carry word order only faintly and the model binds shapes to
+Weak on purpose: at 1.0 a head puts ~15 % of its attention on its neighbour among 16 tokens (vs
+~99.5 % at 8.0), so the text states carry word order only faintly and the model binds shapes to
 positions most of the time but not always (see ``BENCHMARKS.md``)."""
 
 SHAPES_BASE_T5_LOCAL_STRENGTH = 8.0
-"""Bias of the first training stage (a model that binds perfectly), fine-tuned to the shipped one."""
+"""Bias of the first training stage (a model that binds perfectly), fine-tuned to the shipped
+one."""
 
 
 def shapes_config(t5_local_strength: float = SHAPES_T5_LOCAL_STRENGTH) -> TinyFluxConfig:

@@ -281,7 +281,8 @@ def _train_vae(
     shift, scale = float(z.mean()), float(1.0 / z.std())
     vae.register_to_config(scaling_factor=scale, shift_factor=shift)
     logger.info(
-        "VAE done: recon mse %.5f, analyzer fully-correct on reconstructions %.3f, latent mean %.4f std %.4f",
+        "VAE done: recon mse %.5f, analyzer fully-correct on reconstructions %.3f, "
+        "latent mean %.4f std %.4f",
         mse,
         rep["all/fully_correct"],
         shift,
@@ -335,7 +336,9 @@ def _eval_prompts(cfg: TrainConfig) -> tuple[list[str], list[int]]:
 def _train_transformer(
     cfg: TrainConfig, pipe: FluxPipeline, data: dict, prompt_idx: np.ndarray, run_dir: Path
 ) -> None:
-    """Flow-matching training of ``pipe.transformer`` (resumable via ``ckpt.pt``); loads EMA weights at the end."""
+    """Flow-matching training of ``pipe.transformer`` (resumable via ``ckpt.pt``); loads EMA
+    weights at the end.
+    """
     model: FluxTransformer2DModel = pipe.transformer
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.train().requires_grad_(True)
@@ -461,7 +464,8 @@ def _train_transformer(
             model.train()
             t0, run_loss, n_loss = time.time(), 0.0, 0
             logger.info(
-                "eval step %d (EMA, held-out): single fc %.3f | double fc %.3f color %.3f shape %.3f pos %.3f binding %.3f",
+                "eval step %d (EMA, held-out): single fc %.3f | double fc %.3f color %.3f "
+                "shape %.3f pos %.3f binding %.3f",
                 step + 1,
                 rep["single/fully_correct"],
                 rep["double/fully_correct"],

@@ -4,9 +4,10 @@ Loss for a batch of ``B`` rows (``x [B, d_in]``, target ``y [B, d_out]``, ``t [B
 
     z, pre = encode(x, t)                  [B, d_sae]   (SAE role: x = y)
     ŷ      = decode(z)                     [B, d_out]
-    nMSE   = mean_b ‖y_b − ŷ_b‖² / (Σ_d Var_b(y_{b,d}) + 1e-6)     (population variance)
-    L1     = mean_b Σ_i |z_b,i|                                    (ReLU; decoder rows are unit-norm)
-    aux    = ‖e − ê‖² / ‖e − mean(e)‖²,  e = y − ŷ (detached), ê = decode_nobias(TopK_aux(pre | dead))
+    nMSE   = mean_b ‖y_b − ŷ_b‖² / (Σ_d Var_b(y_{b,d}) + 1e-6)   (population variance)
+    L1     = mean_b Σ_i |z_b,i|                                  (ReLU; decoder rows are unit-norm)
+    aux    = ‖e − ê‖² / ‖e − mean(e)‖²,  e = y − ŷ (detached),
+             ê = decode_nobias(TopK_aux(pre | dead))
     loss   = nMSE + λ(step)·L1 + α·aux
 
 :class:`Objective` is an ``nn.Module`` whose ``forward`` returns the loss so that

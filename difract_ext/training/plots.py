@@ -76,7 +76,10 @@ def plot_sparsity_faithfulness(
 
 def curves_table(evals: Sequence[DictionaryEval], group: str = ALL) -> str:
     """Markdown table of the curve points: site, role, activation, sparsity knob, L0, FVU, EV."""
-    head = "| site | role | act. | sparsity | d_sae | L0 | FVU | EV |\n|---|---|---|---|---|---|---|---|\n"
+    head = (
+        "| site | role | act. | sparsity | d_sae | L0 | FVU | EV |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
     rows = sorted(
         (e for e in evals if group in e.groups),
         key=lambda e: (e.site, e.role, e.activation, e.groups[group]["l0"]),

@@ -104,7 +104,8 @@ class DictionarySpec:
     def variant(self) -> str:
         if self.activation == "relu":
             lam = float(self.l1_coefficient)  # type: ignore[arg-type]
-            # one significant digit when exact (1e-03), else two (1.2e-03): distinct levels, distinct names
+            # one significant digit when exact (1e-03), else two (1.2e-03): distinct levels,
+            # distinct names
             sparsity = f"l1-{lam:.0e}" if float(f"{lam:.0e}") == lam else f"l1-{lam:.1e}"
         else:
             sparsity = f"k-{self.k}"

@@ -27,7 +27,9 @@ class TrainedDictionary:
 
 
 def find_dictionaries(root: str | Path) -> list[Path]:
-    """Folders under ``root`` (``root`` itself included) holding ``cfg.json`` + ``training.json``."""
+    """Folders under ``root`` (``root`` itself included) holding ``cfg.json`` +
+    ``training.json``.
+    """
     root = Path(root)
     found = [p.parent for p in root.rglob("training.json") if (p.parent / "cfg.json").is_file()]
     return sorted(p for p in found if "checkpoint" not in p.relative_to(root).parts)

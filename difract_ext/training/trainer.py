@@ -100,7 +100,8 @@ class _State:
         self, spec: DictionarySpec, module: Any, cfg: TrainConfig, total: int, acc: Accelerator
     ):
         self.spec, self.module, self.total = spec, module, total
-        # its own resampling generator: a dictionary trains the same whatever else is trained with it
+        # its own resampling generator: a dictionary trains the same whatever else is trained
+        # with it
         self.gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _spec_seed(spec), 7919))
         auxk = cfg.auxk_coefficient if spec.remedy == "auxk" else 0.0
         self.objective = acc.prepare(Objective(module, spec.role, cfg.auxk_k, auxk))
@@ -296,7 +297,8 @@ def train_dictionaries(
     if ckpt_path.is_file():
         if not resume:
             raise ValueError(
-                f"{out} holds a training checkpoint; pass resume=True (--resume) or use another folder"
+                f"{out} holds a training checkpoint; "
+                "pass resume=True (--resume) or use another folder"
             )
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ck.get("version") != CHECKPOINT_VERSION:
@@ -333,7 +335,8 @@ def train_dictionaries(
         atomic_write_bytes(ckpt_path, buf.getvalue())
 
     logger.info(
-        "training %d dictionaries on %s: %d global steps (%s per stream), %d process(es), device %s",
+        "training %d dictionaries on %s: %d global steps (%s per stream), %d process(es), "
+        "device %s",
         len(states),
         reader.root,
         n_global,
@@ -549,7 +552,9 @@ def _step(
 
 
 def _log(states: Sequence[_State], cfg: TrainConfig, main: bool) -> None:
-    """Close the metric window of every dictionary into its history (and log it on the main process)."""
+    """Close the metric window of every dictionary into its history (and log it on the main
+    process).
+    """
     parts = []
     for st in states:
         if st.window["n"] == 0:

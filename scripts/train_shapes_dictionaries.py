@@ -3,17 +3,22 @@
 Stages (each resumes or is skipped when its output exists; ``--fresh`` starts over):
 
 1. **harvest**: every double-block MLP (both streams) of the shipped shapes model over the train
-   prompts (``shapes:train`` × ``--seeds``; image tokens subsampled 1/``--img-subsample``, text
-   padding dropped), and over the held-out prompts (``shapes:held_out``, other seeds, every token).
+   prompts (``shapes:train`` × ``--seeds``; image tokens subsampled 1/``--img-subsample``, every
+   text position, T5 padding included and tagged: FLUX attends to it and DifFRACT trains on it),
+   and over the held-out prompts (``shapes:held_out``, other seeds, every token).
 2. **train**, one pass for everything: DifFRACT-recipe ReLU transcoders for every MLP and SAE
    baselines on ``--sae-layers`` at the shipping sparsity, plus a sweep of sparsity levels
    (transcoder vs SAE, ReLU L1 and TopK k) on ``--sweep-sites`` for the curves. Shipping L1 is
    per stream (``--l1-img``/``--l1-txt``) with per-site overrides (``--l1-site img_0=3e-3``);
    dead features are resampled while silent for 100 steps *or* rarer than
    ``--resample-min-rate`` (rare training features are often never active on held-out prompts).
-   Targets on the held-out harvest, every shipped transcoder: EV >= 0.9, dead < 5%, L0 <= 25%.
-3. **eval** on the held-out harvest: FVU / EV / cosine / L0 / dead / dense per timestep, curves,
-   spliced generation (each MLP alone, then all) with the shapes analyzer's prompt adherence.
+   Targets on the held-out harvest, every shipped transcoder: EV >= 0.9 (text: over every
+   position, padding included), dead < 5%, L0 <= 25%. ``--streams txt`` trains (and ships) only
+   the text stream's dictionaries and keeps the shipped image ones as they are.
+3. **eval** on the held-out harvest: FVU / EV / cosine / L0 / dead / dense per timestep and, for
+   text, over real tokens and padding apart; curves, spliced generation (each MLP alone, then
+   all) with the shapes analyzer's prompt adherence. Shipped dictionaries of streams not trained
+   (``--streams``) are evaluated alongside.
 4. **ship**: the shipping dictionaries to
    ``difract_ext/toy/dictionaries/{transcoders,saes}/{site}/`` (SAELens folders + ``metrics.json``
    with the held-out numbers), ``index.json``, ``EVAL.md`` and the curves PNG.
@@ -28,11 +33,14 @@ Usage::
     python scripts/train_shapes_dictionaries.py
     # smoke test:
     python scripts/train_shapes_dictionaries.py --quick --no-ship --work /tmp/sd
+    # the text dictionaries only (image ones stay as shipped):
+    python scripts/train_shapes_dictionaries.py --streams txt
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -42,11 +50,17 @@ from pathlib import Path
 import torch
 
 from difract_ext.adapters.dictionaries import SAELENS_IO
-from difract_ext.capture import HarvestConfig, HarvestReader, harvest
+from difract_ext.capture import TEXT_PADDING, HarvestConfig, HarvestReader, harvest
 from difract_ext.cli.eval_job import run_evaluation
 from difract_ext.cli.sources import double_block_sites, load_pipeline, load_prompts
-from difract_ext.flux.sites import Site
-from difract_ext.training import DictionarySpec, TrainConfig, load_dictionaries, train_dictionaries
+from difract_ext.flux.sites import STREAMS, Site
+from difract_ext.training import (
+    DictionarySpec,
+    TrainConfig,
+    TrainedDictionary,
+    load_dictionaries,
+    train_dictionaries,
+)
 from difract_ext.training.recipes import RECIPES
 from difract_ext.util.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
 
@@ -74,6 +88,21 @@ def parse_args() -> argparse.Namespace:
         help="keep the harvests but train and evaluate again (after changing a recipe option)",
     )
     p.add_argument("--quick", action="store_true", help="tiny run to check the script")
+    p.add_argument(
+        "--streams",
+        nargs="+",
+        choices=list(STREAMS),
+        default=list(STREAMS),
+        help="streams whose dictionaries are trained and shipped; the shipped dictionaries of "
+        "the others are kept as they are (and evaluated alongside)",
+    )
+    p.add_argument(
+        "--text-padding",
+        choices=list(TEXT_PADDING),
+        default="tag",
+        help="T5 padding rows in the harvests: 'tag' keeps (and trains on) them, tagged so that "
+        "the evaluation reports them apart; 'drop' was the choice before the padding retrain",
+    )
     p.add_argument("--seeds", type=int, default=6, help="train seeds per prompt (0..N-1)")
     p.add_argument(
         "--held-seeds",
@@ -196,7 +225,7 @@ def stage_harvest(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     common = dict(
         sites=sites,
         shard_rows=65536,
-        text_padding="drop",
+        text_padding=args.text_padding,
         dtype="bfloat16",
         call_kwargs=loaded.call_kwargs,
         model_name=loaded.model_name,
@@ -244,6 +273,7 @@ def ship_specs(
         raise SystemExit(
             f"--l1-site / --expansion-site name sites that were not harvested: {unknown}"
         )
+    sites = [s for s in sites if s.stream in args.streams]
     ship = [
         DictionarySpec(s, "transcoder", "relu", l1_coefficient=ship_l1(s), **common(s))
         for s in sites
@@ -256,6 +286,8 @@ def ship_specs(
     names = {s.resolved_name for s in ship}
     sweep = []
     for key in args.sweep_sites:
+        if Site.parse(key).stream not in args.streams:
+            continue
         site = next(s for s in sites if str(s) == key)
         for role in ("transcoder", "sae"):
             for level in sorted(
@@ -269,7 +301,30 @@ def ship_specs(
     return ship, ship + [s for s in sweep if s.resolved_name not in names]
 
 
-def stage_ship(args: argparse.Namespace, work: Path, ship: list[DictionarySpec]) -> None:
+def kept_dictionaries(args: argparse.Namespace) -> list[TrainedDictionary]:
+    """The shipped dictionaries of the streams this run does not train (named as in a run)."""
+    if set(args.streams) == set(STREAMS):
+        return []
+    if not (Path(args.ship_dir) / "index.json").is_file():
+        raise SystemExit(
+            f"--streams {' '.join(args.streams)} keeps the others' dictionaries from "
+            f"{args.ship_dir}, which has none: train every stream"
+        )
+    return [
+        dataclasses.replace(d, name=d.spec.resolved_name)
+        for d in load_dictionaries(args.ship_dir, io=SAELENS_IO)
+        if d.spec.site.stream not in args.streams
+    ]
+
+
+def stage_ship(
+    args: argparse.Namespace,
+    work: Path,
+    ship: list[DictionarySpec],
+    kept: list[TrainedDictionary],
+) -> None:
+    """Write the shipping folder: this run's ``ship`` dictionaries, the ``kept`` ones copied as
+    they are (files and index entries unchanged)."""
     evals = {e["name"]: e for e in json.loads((work / "eval" / "eval.json").read_text())["evals"]}
     splice = (
         json.loads((work / "eval" / "splice.json").read_text())
@@ -278,7 +333,16 @@ def stage_ship(args: argparse.Namespace, work: Path, ship: list[DictionarySpec])
     )
     index = []
     ship_dir = Path(args.ship_dir)
+    old_index = (
+        {e["path"]: e for e in json.loads((ship_dir / "index.json").read_text())["dictionaries"]}
+        if kept
+        else {}
+    )
     with atomic_directory(ship_dir) as tmp:
+        for d in kept:
+            rel = d.path.relative_to(ship_dir).as_posix()
+            shutil.copytree(d.path, tmp / rel)
+            index.append(old_index[rel])
         for spec in ship:
             src = work / "dicts" / spec.resolved_name
             dst = tmp / f"{spec.role}s" / str(spec.site)
@@ -317,7 +381,9 @@ def stage_ship(args: argparse.Namespace, work: Path, ship: list[DictionarySpec])
         )  # repo-relative paths
         atomic_write_bytes(tmp / "EVAL.md", report.encode())
     size = sum(p.stat().st_size for p in ship_dir.rglob("*") if p.is_file())
-    logger.info("shipped %d dictionaries to %s (%.1f MB)", len(ship), ship_dir, size / 2**20)
+    logger.info(
+        "shipped %d dictionaries to %s (%.1f MB)", len(ship) + len(kept), ship_dir, size / 2**20
+    )
     if size > 15 * 2**20:
         logger.warning("shipped size %.1f MB exceeds the 15 MB budget", size / 2**20)
 
@@ -360,7 +426,8 @@ def main() -> None:
     loaded = load_pipeline(args.model)
     held_prompts = HarvestReader(held_dir).prompts
     step = max(1, len(held_prompts) // args.splice_prompts)
-    dicts = load_dictionaries(work / "dicts", io=SAELENS_IO)
+    kept = kept_dictionaries(args)
+    dicts = load_dictionaries(work / "dicts", io=SAELENS_IO) + kept
     run_evaluation(
         dicts,
         held_dir,
@@ -369,12 +436,13 @@ def main() -> None:
         call_kwargs=loaded.call_kwargs,
         splice_prompts=held_prompts[::step][: args.splice_prompts],
         splice_seeds=[2000],
-        splice_variant=[s.resolved_name for s in ship if s.role == "transcoder"],
+        splice_variant=[s.resolved_name for s in ship if s.role == "transcoder"]
+        + [d.name for d in kept if d.spec.role == "transcoder"],
         score_images=accuracy_report,
     )
     print((work / "eval" / "eval.md").read_text())
     if not args.no_ship:
-        stage_ship(args, work, ship)
+        stage_ship(args, work, ship, kept)
 
 
 if __name__ == "__main__":

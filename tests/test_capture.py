@@ -48,7 +48,8 @@ def _all_tensors(root: Path) -> dict[str, torch.Tensor]:
 
 
 def test_rows_padding_dropped_and_values_are_the_mlp(tiny: Any, tmp_path: Path) -> None:
-    res = harvest(tiny.pipe, PROMPTS, tmp_path / "h", _cfg(tiny), progress=False)
+    cfg = _cfg(tiny, text_padding="drop")
+    res = harvest(tiny.pipe, PROMPTS, tmp_path / "h", cfg, progress=False)
     n_units = len(PROMPTS) * 2
     real = {i: len(p.split()) + 1 for i, p in enumerate(PROMPTS)}  # words + </s>
     assert res.complete and res.units_done == n_units
@@ -76,14 +77,28 @@ def test_rows_padding_dropped_and_values_are_the_mlp(tiny: Any, tmp_path: Path) 
     assert summary["complete"] and summary["units_done"] == n_units
 
 
-def test_padding_mask_and_keep_and_subsample(tiny: Any, tmp_path: Path) -> None:
+def test_padding_tagged_by_default_and_keep_and_subsample(tiny: Any, tmp_path: Path) -> None:
     n_units = len(PROMPTS) * 2
-    harvest(tiny.pipe, PROMPTS, tmp_path / "m", _cfg(tiny, text_padding="mask"), progress=False)
+    assert HarvestConfig(sites=SITES).text_padding == "tag"  # FLUX attends to padding: keep it
+    harvest(tiny.pipe, PROMPTS, tmp_path / "m", _cfg(tiny), progress=False)
     reader = HarvestReader(tmp_path / "m")
+    assert reader.config["text_padding"] == "tag" and reader.tags_padding
     assert reader.n_rows("txt", valid_only=False) == n_units * STEPS * 16
     real = 2 * STEPS * sum(len(p.split()) + 1 for p in PROMPTS)
     assert reader.n_rows("txt") == real
-    assert reader.site_rows(Site(0, "txt"))[0].shape[0] == real  # reader drops flagged rows
+    assert reader.site_rows(Site(0, "txt"))[0].shape[0] == real  # reader drops tagged rows
+    # every position once per (unit, step); valid exactly where the prompt has a token
+    _, _, meta = reader.site_rows(Site(0, "txt"), valid_only=False)
+    n_real = torch.tensor([len(p.split()) + 1 for p in PROMPTS])  # words + </s>
+    assert torch.equal(meta["valid"], meta["pos"] < n_real[meta["prompt"].long()])
+    assert torch.equal(torch.bincount(meta["pos"].long()), torch.full((16,), n_units * STEPS))
+    # the old name "mask" is the same harvest, and resumes a "tag" one
+    cfg = _cfg(tiny, text_padding="mask")
+    assert cfg.text_padding == "tag"
+    harvest(tiny.pipe, PROMPTS, tmp_path / "m", cfg, resume=True, progress=False)
+    harvest(tiny.pipe, PROMPTS, tmp_path / "old", cfg, progress=False)
+    a, b = _all_tensors(tmp_path / "m"), _all_tensors(tmp_path / "old")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     harvest(tiny.pipe, PROMPTS, tmp_path / "k", _cfg(tiny, text_padding="keep"), progress=False)
     assert HarvestReader(tmp_path / "k").n_rows("txt") == n_units * STEPS * 16
     cfg = _cfg(tiny, subsample=16, text_subsample=1, sites=[Site(0, "img"), Site(0, "txt")])
@@ -91,7 +106,7 @@ def test_padding_mask_and_keep_and_subsample(tiny: Any, tmp_path: Path) -> None:
     harvest(tiny.pipe, PROMPTS, tmp_path / "s2", cfg, progress=False)
     a, b = _all_tensors(tmp_path / "s1"), _all_tensors(tmp_path / "s2")
     assert a["img.t"].shape[0] == n_units * STEPS * (S_IMG // 16)
-    assert a["txt.t"].shape[0] == real
+    assert a["txt.t"].shape[0] == n_units * STEPS * 16  # text_subsample=1: every position
     assert all(torch.equal(a[k], b[k]) for k in a)
     # different (unit, step) pairs pick different positions
     assert len({tuple(a["img.pos"][i : i + 4].tolist()) for i in range(0, 64, 4)}) > 1

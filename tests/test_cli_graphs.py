@@ -94,6 +94,9 @@ def test_serve_announces_itself_once(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # a fresh shell's Ctrl-C: an ignored SIGINT (inherited from the test process if something
+        # in it set SIG_IGN) would survive exec and the server would never see the signal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         banner = proc.stdout.readline()  # blocks until the server listens

@@ -30,9 +30,11 @@ IMG0 = Site(0, "img")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _random_dictionary(role: str, activation: str, k: int | None = None) -> TrainedDictionary:
+def _random_dictionary(
+    role: str, activation: str, k: int | None = None, site: Site = IMG0
+) -> TrainedDictionary:
     spec = DictionarySpec(
-        IMG0,
+        site,
         role,
         activation,
         k=k,
@@ -90,6 +92,46 @@ def test_metrics_match_numpy(tmp_path: Path, role: str, activation: str, k: int 
         assert ev.groups[g]["n_rows"] == int(mask.sum())
     assert (
         ev.groups["all"]["dead_fraction"] >= 6 / 40 and ev.groups["all"]["dense_fraction"] >= 3 / 40
+    )
+
+
+def test_text_metrics_over_all_positions_real_tokens_and_padding(tmp_path: Path) -> None:
+    """A harvest that tags T5 padding: "all" is every row, "real" / "padding" split it; each
+    group matches numpy on exactly its rows."""
+    from difract_ext.capture import HarvestReader
+    from difract_ext.capture.synthetic import linear_plus_sparse, write_harvest
+    from difract_ext.training.evaluation import padding_table
+
+    txt0 = Site(0, "txt")
+    x, y, t = linear_plus_sparse(900, 12, 16, threshold=1.0, seed=4)
+    valid = torch.arange(900) % 4 != 0  # 675 real-token rows, 225 padding rows
+    root = write_harvest(
+        tmp_path / "h", {txt0: (x, y)}, {"txt": t}, shard_rows=400, text_valid=valid
+    )
+    td = _random_dictionary("transcoder", "relu", site=txt0)
+    [ev] = evaluate_dictionaries([td], root, batch_size=77, progress=False)
+    assert list(ev.groups) == ["all", "real", "padding", "t=1", "t=0.75", "t=0.5", "t=0.25"]
+    x, y, meta = HarvestReader(root).site_rows(txt0, valid_only=False)
+    assert torch.equal(meta["valid"], valid)
+    with torch.no_grad():
+        z = td.module.encode(x, t=meta["t"])
+        y_hat = z @ td.module.W_dec + td.module.b_dec
+    for g, mask in (("all", torch.ones_like(valid)), ("real", valid), ("padding", ~valid)):
+        ref = _numpy_metrics(
+            y[mask].double().numpy(), y_hat[mask].double().numpy(), z[mask].numpy()
+        )
+        for key, value in ref.items():
+            assert ev.groups[g][key] == pytest.approx(float(value), rel=1e-6, abs=1e-9), (g, key)
+        assert ev.groups[g]["n_rows"] == int(mask.sum())
+    table = padding_table([ev])
+    ev_pad = ev.groups["padding"]["explained_variance"]
+    assert f"| {td.name} | " in table and f"{ev_pad:.4f}" in table and "| 25% |" in table
+    # the same rows untagged: one group of every row, equal to "all" above
+    plain = write_harvest(tmp_path / "p", {txt0: (x, y)}, {"txt": meta["t"]}, shard_rows=400)
+    [ev_plain] = evaluate_dictionaries([td], plain, per_timestep=False, progress=False)
+    assert list(ev_plain.groups) == ["all"] and padding_table([ev_plain]) == ""
+    assert ev_plain.groups["all"]["explained_variance"] == pytest.approx(
+        ev.groups["all"]["explained_variance"], rel=1e-9
     )
 
 

@@ -23,7 +23,16 @@ from difract_ext.flux.sites import Site
 from difract_ext.training import trainer as trainer_mod
 from difract_ext.util.interrupt import DeferredInterrupt
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "python_sigint")
+
+
+@pytest.fixture
+def python_sigint() -> Any:
+    """Python's own SIGINT handler, as in a fresh `difract` process (a library imported by an
+    earlier test may have replaced it, and DeferredInterrupt then rightly stays out of the way)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 harvest_mod = importlib.import_module(
     "difract_ext.capture.harvest"
 )  # the package exports the function

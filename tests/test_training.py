@@ -359,3 +359,47 @@ def test_a_dictionary_trains_the_same_alone_or_with_others(
     assert alone.metrics[mine.resolved_name]["resampled"] > 0  # the resampling generator was used
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_tagged_padding_rows_are_trained_on_unless_excluded(tmp_path: Path) -> None:
+    """On a harvest that tags T5 padding, training (DifFRACT's choice, the default) is
+    bit-identical to training on the same rows untagged, and ``include_padding=False`` to training
+    on the real-token rows alone."""
+    from difract_ext.capture.synthetic import linear_plus_sparse, write_harvest
+
+    site = Site(0, "txt")
+    x, y, t = linear_plus_sparse(1500, 16, 32, threshold=1.0, seed=3)
+    valid = torch.arange(1500) % 3 != 0  # 1000 real-token rows, 500 padding rows
+    rows = {site: (x, y)}
+    tagged = write_harvest(tmp_path / "tag", rows, {"txt": t}, shard_rows=1500, text_valid=valid)
+    every = write_harvest(tmp_path / "every", rows, {"txt": t}, shard_rows=1500)
+    real = write_harvest(
+        tmp_path / "real", {site: (x[valid], y[valid])}, {"txt": t[valid]}, shard_rows=1500
+    )
+    spec = DictionarySpec(site, "transcoder", "relu", l1_coefficient=1e-2, d_sae=32, **SMALL)
+
+    def train(root: Path, include: bool) -> Any:
+        cfg = TrainConfig(batch_size=250, log_every=0, include_padding=include)
+        out = tmp_path / f"out-{root.name}-{include}"
+        return train_dictionaries(root, [spec], out, cfg, progress=False, io=SAELENS_IO)
+
+    runs = {
+        ("tag", True): train(tagged, True),
+        ("tag", False): train(tagged, False),
+        ("every", True): train(every, True),
+        ("real", True): train(real, True),
+    }
+    assert runs["tag", True].global_step == 1500 // 250
+    assert runs["tag", False].global_step == 1000 // 250
+    for a, b in ((("tag", True), ("every", True)), (("tag", False), ("real", True))):
+        ma, mb = runs[a].modules[spec.resolved_name], runs[b].modules[spec.resolved_name]
+        for k, v in ma.state_dict().items():
+            assert torch.equal(v, mb.state_dict()[k]), (a, b, k)
+    first = runs["tag", True].modules[spec.resolved_name].state_dict()
+    other = runs["tag", False].modules[spec.resolved_name].state_dict()
+    assert not torch.equal(first["W_dec"], other["W_dec"])
+    recorded = json.loads(
+        (runs["tag", True].dictionaries[spec.resolved_name] / "training.json").read_text()
+    )
+    assert recorded["data"]["rows"] == {"txt": 1500} and recorded["data"]["text_padding"] == "tag"
+    assert recorded["config"]["include_padding"] is True

@@ -16,7 +16,9 @@ contracts the gradients at every MLP output with
 - the input embeddings at ``hook_embed``.
 
 Rows are addressed by integer index (feature ``i`` of the components, target ``k``): float
-columns cannot carry indices in low precision (bf16 has 8 significant bits).
+columns cannot carry indices in low precision (bf16 has 8 significant bits). Rows are float32
+whatever the model's dtype. The feature columns can be narrowed to a subset
+(:meth:`StepEdges.set_columns`: the expanded features of a graph) without a new forward pass.
 """
 
 from __future__ import annotations

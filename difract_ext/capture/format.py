@@ -33,7 +33,7 @@ name                        shape, dtype     meaning
 ``{stream}.seed``           [N_s] int64      generation seed
 ``{stream}.step``           [N_s] int32      denoising step (0 = first transformer call)
 ``{stream}.pos``            [N_s] int32      token position (image patch or T5 token)
-``{stream}.valid``          [N_s] bool       only with ``text_padding="mask"``: not padding
+``{stream}.valid``          [N_s] bool       only with ``text_padding="tag"``: not padding
 ==========================  ===============  =================================================
 """
 
@@ -62,6 +62,8 @@ CONFIG_FILE = "harvest_config.json"
 SUMMARY_FILE = "manifest.json"
 SHARD_DIR = "shards"
 ROW_FIELDS: tuple[str, ...] = ("t", "prompt", "seed", "step", "pos")
+#: ``text_padding`` values whose harvests hold padding rows tagged by ``txt.valid``
+TAGGED_PADDING = ("tag", "mask")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -96,7 +98,7 @@ class ShardInfo:
         file: path relative to the harvest folder.
         chunks: the chunk indices it holds.
         units: the ``(prompt index, seed)`` work units it holds.
-        rows: rows per stream (including padding rows kept with ``text_padding="mask"``).
+        rows: rows per stream (including padding rows kept with ``text_padding="tag"``).
         valid_rows: rows per stream that are not padding.
         timesteps: the distinct t values in the shard.
     """
@@ -227,6 +229,12 @@ class HarvestReader:
         """Sorted distinct t values of all committed shards."""
         return sorted({t for s in self.shards for t in s.timesteps})
 
+    @property
+    def tags_padding(self) -> bool:
+        """Whether the ``txt`` rows include T5 padding tagged by ``txt.valid`` (``"tag"``, or its
+        old name ``"mask"``)."""
+        return self.config.get("text_padding") in TAGGED_PADDING
+
     def n_rows(self, stream: str, valid_only: bool = True) -> int:
         return sum((s.valid_rows if valid_only else s.rows).get(stream, 0) for s in self.shards)
 
@@ -257,7 +265,7 @@ class HarvestReader:
             if site.stream != stream:
                 raise ValueError(f"{site} is not in stream {stream!r}")
             keys += [f"{site}.x", f"{site}.y"]
-        has_valid = self.config.get("text_padding") == "mask" and stream == "txt"
+        has_valid = self.tags_padding and stream == "txt"
         if has_valid:
             keys.append(f"{stream}.valid")
         raw = self.load_shard(index, keys) if self.shards[index].rows.get(stream, 0) else {}
@@ -274,7 +282,9 @@ class HarvestReader:
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """All rows of one site, concatenated: ``(x [N, D], y [N, D], {"t", "prompt", ...: [N]})``.
 
-        Loads everything into memory: meant for small harvests, tests and evaluation.
+        With ``valid_only=False`` on a harvest that tags padding, the metadata also holds
+        ``"valid"`` ([N] bool, False on T5 padding). Loads everything into memory: meant for small
+        harvests, tests and evaluation.
         """
         parts = [
             self.stream_rows(i, site.stream, [site], valid_only) for i in range(len(self.shards))
@@ -284,5 +294,6 @@ class HarvestReader:
             raise HarvestFormatError(f"{self.root} holds no rows of {site}")
         x = torch.cat([p[f"{site}.x"] for p in parts])
         y = torch.cat([p[f"{site}.y"] for p in parts])
-        meta = {f: torch.cat([p[f] for p in parts]) for f in ROW_FIELDS}
+        fields = ROW_FIELDS + (("valid",) if "valid" in parts[0] else ())
+        meta = {f: torch.cat([p[f] for p in parts]) for f in fields}
         return x, y, meta

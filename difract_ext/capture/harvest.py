@@ -4,7 +4,9 @@ For every work unit ``(prompt, seed)`` the pipeline generates one image (``outpu
 at each denoising step, forward hooks on the chosen MLPs (see :class:`~difract_ext.flux.sites.Site`)
 record the MLP input ``x`` and the output before the gate ``y``, and a forward pre-hook on the
 transformer records its ``timestep`` keyword ``t`` (one value per batch row). Rows are kept per
-token position, optionally without T5 padding tokens and optionally subsampled.
+token position, optionally subsampled. T5 padding positions are part of the model (FLUX attends to
+every T5 position, and DifFRACT trains on all of them): by default they are kept and tagged
+(``txt.valid`` False), so that training uses them and evaluation can report them apart.
 
 Work units are grouped into fixed *chunks* of ``batch_size`` units (one pipeline call each). With
 several processes (``accelerate launch``), the chunks not yet done are dealt out by rank. See
@@ -57,7 +59,28 @@ from difract_ext.util.seeds import HARVEST_BASIS, derive_seed
 
 logger = logging.getLogger(__name__)
 
-TEXT_PADDING = ("drop", "mask", "keep")
+#: ``text_padding`` choices: ``"tag"`` (default) keeps padding rows with ``txt.valid = False``,
+#: ``"drop"`` leaves them out, ``"keep"`` keeps them untagged.
+TEXT_PADDING = ("tag", "drop", "keep")
+#: older names still accepted (and read back from harvest configs): ``"mask"`` is ``"tag"``.
+TEXT_PADDING_ALIASES = {"mask": "tag"}
+
+
+def normalize_text_padding(value: str) -> str:
+    """The canonical ``text_padding`` choice (``"mask"`` -> ``"tag"``).
+
+    Raises:
+        ValueError: not one of :data:`TEXT_PADDING` or an alias.
+    """
+    value = TEXT_PADDING_ALIASES.get(value, value)
+    if value not in TEXT_PADDING:
+        raise ValueError(
+            f"text_padding must be one of {TEXT_PADDING} (or 'mask', the old name of 'tag'), "
+            f"got {value!r}"
+        )
+    return value
+
+
 # Fields whose change makes an existing harvest folder incompatible with a resumed run.
 _IDENTITY_FIELDS = (
     "sites",
@@ -86,13 +109,15 @@ class HarvestConfig:
         commit_seconds: also commit the finished chunks at least this often (as a partial shard,
             merged into the full one later), so that an interruption loses at most this much
             work; 0 commits after every chunk. An interrupt (Ctrl-C) or an error commits them too.
-        text_padding: T5 padding rows of the ``txt`` stream: ``"drop"`` them, ``"mask"`` (keep
-            them with ``txt.valid = False``) or ``"keep"`` them unmarked.
+        text_padding: T5 padding rows of the ``txt`` stream: ``"tag"`` keeps them with
+            ``txt.valid = False`` (default: training uses them, evaluation splits real tokens
+            from padding), ``"drop"`` leaves them out, ``"keep"`` keeps them untagged.
+            ``"mask"`` is accepted as the old name of ``"tag"``.
         subsample: keep ``ceil(n / subsample)`` random token positions out of the ``n``
             candidates per (unit, step, stream) (TIDE uses 16); 1 keeps every position. The
             choice is seeded by ``(sample_seed, prompt, seed, step, stream)``.
         text_subsample: the same for the ``txt`` stream (None: ``subsample``); text rows are
-            few (no padding) and often worth keeping all.
+            few and often worth keeping all.
         sample_seed: seed of the position subsampling.
         dtype: storage dtype of ``x`` and ``y`` (``"bfloat16"``, ``"float16"``, ``"float32"``).
         call_kwargs: keywords for the pipeline call (``height``, ``width``,
@@ -105,7 +130,7 @@ class HarvestConfig:
     batch_size: int = 8
     shard_rows: int = 1 << 16
     commit_seconds: float = 60.0
-    text_padding: str = "drop"
+    text_padding: str = "tag"
     subsample: int = 1
     text_subsample: int | None = None
     sample_seed: int = 0
@@ -117,10 +142,7 @@ class HarvestConfig:
         self.sites = sorted({as_site(s) for s in self.sites})
         if not self.sites:
             raise ValueError("HarvestConfig.sites is empty")
-        if self.text_padding not in TEXT_PADDING:
-            raise ValueError(
-                f"text_padding must be one of {TEXT_PADDING}, got {self.text_padding!r}"
-            )
+        self.text_padding = normalize_text_padding(self.text_padding)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.text_subsample is None:
@@ -238,7 +260,7 @@ class _StepCapture:
             "step": torch.full_like(b_idx, self.step, dtype=torch.int32),
             "pos": p_idx.to(torch.int32),
         }
-        if stream == "txt" and self.cfg.text_padding == "mask":
+        if stream == "txt" and self.cfg.text_padding == "tag":
             meta["valid"] = torch.cat(valid_all)
         return b_idx, p_idx, meta
 
@@ -307,6 +329,11 @@ def _config_json(cfg: HarvestConfig, prompts: list[str], d_model: int) -> dict[s
 
 
 def _check_compatible(old: dict[str, Any], new: dict[str, Any], root: Path) -> None:
+    if "text_padding" in old:  # a harvest written with the old name "mask"
+        old = {
+            **old,
+            "text_padding": TEXT_PADDING_ALIASES.get(old["text_padding"], old["text_padding"]),
+        }
     diff = [k for k in _IDENTITY_FIELDS if old.get(k) != new.get(k)]
     if diff:
         raise HarvestFormatError(
@@ -591,4 +618,4 @@ def _summarise(root: Path, n_units: int, write: bool) -> HarvestResult:
     return result
 
 
-__all__ = ["TEXT_PADDING", "HarvestConfig", "HarvestResult", "harvest"]
+__all__ = ["TEXT_PADDING", "HarvestConfig", "HarvestResult", "harvest", "normalize_text_padding"]

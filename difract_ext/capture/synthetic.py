@@ -38,11 +38,14 @@ def write_harvest(
     prompt: Mapping[str, torch.Tensor] | None = None,
     model_name: str = "synthetic",
     prompts: Sequence[str] | None = None,
+    text_valid: torch.Tensor | None = None,
 ) -> Path:
     """Write ``{site: (x [N_s, D], y [N_s, D])}`` with per-stream ``t [N_s]`` as a harvest folder.
 
     Sites of one stream must have the same number of rows. ``prompt`` (per stream ``[N_s]``)
-    defaults to row-block indices; seeds, steps and positions are zeros.
+    defaults to row-block indices; seeds, steps and positions are zeros. ``text_valid``
+    (``[N_txt]`` bool, False on padding) makes a harvest that tags T5 padding
+    (``text_padding="tag"``).
     """
     root = Path(root)
     streams = sorted({s.stream for s in rows})
@@ -63,7 +66,7 @@ def write_harvest(
             "prompts": list(prompts or [f"synthetic {i}" for i in range(n_prompts)]),
             "seeds": [0],
             "batch_size": 1,
-            "text_padding": "drop",
+            "text_padding": "drop" if text_valid is None else "tag",
             "subsample": 1,
             "sample_seed": 0,
             "dtype": str(next(iter(rows.values()))[0].dtype).replace("torch.", ""),
@@ -75,7 +78,7 @@ def write_harvest(
     journal = []
     for i in range(n_shards):
         tensors: dict[str, torch.Tensor] = {}
-        counts, tvals = {}, set()
+        counts, valid_counts, tvals = {}, {}, set()
         for s in streams:
             lo, hi = i * shard_rows, min((i + 1) * shard_rows, n[s])
             hi = max(lo, hi)
@@ -88,6 +91,10 @@ def write_harvest(
             tensors[f"{s}.seed"] = torch.zeros(hi - lo, dtype=torch.int64)
             tensors[f"{s}.step"] = torch.zeros(hi - lo, dtype=torch.int32)
             tensors[f"{s}.pos"] = torch.arange(lo, hi, dtype=torch.int32)
+            valid_counts[s] = hi - lo
+            if s == "txt" and text_valid is not None:
+                tensors["txt.valid"] = text_valid[lo:hi].bool()
+                valid_counts[s] = int(tensors["txt.valid"].sum())
             tvals.update(float(v) for v in torch.unique(ts))
         for site, (x, y) in rows.items():
             lo, hi = i * shard_rows, min((i + 1) * shard_rows, n[site.stream])
@@ -96,7 +103,7 @@ def write_harvest(
             tensors[f"{site}.y"] = y[lo:hi]
         name = shard_name(i, i)
         write_shard(root, name, tensors, {"format": FORMAT})
-        journal.append(ShardInfo(name, (i,), ((i, 0),), counts, dict(counts), tuple(sorted(tvals))))
+        journal.append(ShardInfo(name, (i,), ((i, 0),), counts, valid_counts, tuple(sorted(tvals))))
     write_journal(root, 0, journal)
     return root
 

@@ -22,6 +22,7 @@ from difract_ext.training.evaluation import (
     check_disjoint,
     eval_table,
     evaluate_dictionaries,
+    padding_table,
     per_timestep_table,
 )
 from difract_ext.training.plots import curves_table, plot_sparsity_faithfulness
@@ -150,6 +151,17 @@ def run_evaluation(
         eval_table(evals),
         verdict,
         "",
+    ]
+    split = padding_table(evals)
+    if split:
+        md += [
+            "## Text positions: real tokens and T5 padding",
+            "",
+            "FLUX attends to every T5 position; 'EV all' (the table above) includes padding.",
+            "",
+            split,
+        ]
+    md += [
         "## Per timestep",
         "",
         per_timestep_table(evals),

@@ -132,8 +132,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for e in summary.evals:
         m = e.groups["all"]
         problems = summary.failing.get(e.name)
+        split = (
+            f"(real {e.groups['real']['explained_variance']:.4f}, "
+            f"padding {e.groups['padding']['explained_variance']:.4f})  "
+            if "padding" in e.groups
+            else ""
+        )
         print(
-            f"{e.name}: EV {m['explained_variance']:.4f}  L0 {m['l0']:.2f}  "
+            f"{e.name}: EV {m['explained_variance']:.4f}  {split}L0 {m['l0']:.2f}  "
             f"dead {m['dead_fraction']:.1%}  dense {m['dense_fraction']:.1%}  "
             + ("FAIL: " + "; ".join(problems) if problems else "ok")
         )
@@ -279,9 +285,11 @@ def _add_harvest(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--text-padding",
-        choices=["drop", "mask", "keep"],
-        default="drop",
-        help="T5 padding rows: drop them, keep them flagged in txt.valid, or keep them unflagged",
+        choices=["tag", "drop", "keep", "mask"],
+        default="tag",
+        help="T5 padding rows (FLUX attends to them; DifFRACT trains on them): keep them tagged "
+        "in txt.valid so that evaluation reports them apart (tag), leave them out (drop), or keep "
+        "them untagged (keep); 'mask' is the old name of 'tag'",
     )
     p.add_argument(
         "--subsample",
@@ -495,6 +503,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="also resample features active on fewer than this fraction of the rows seen since the "
         "previous resampling (rare training features are often never active on held-out data); "
         f"0: only features silent for --dead-window steps; recipe: {rv('resample_min_rate')}",
+    )
+    p.add_argument(
+        "--no-padding",
+        action="store_true",
+        help="train on real T5 tokens only (default: tagged padding rows too, as DifFRACT; "
+        "FLUX attends to every T5 position)",
     )
     p.add_argument(
         "--auxk-coefficient",

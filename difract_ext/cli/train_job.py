@@ -104,6 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_every_seconds=args.checkpoint_every_seconds,
         stop_after_steps=args.stop_after_steps,
         log_every=args.log_every,
+        include_padding=not args.no_padding,
     )
     main = process_state().is_main_process
     if main:

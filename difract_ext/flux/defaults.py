@@ -24,7 +24,7 @@ call leaves the trained range::
 
 from __future__ import annotations
 
-import json
+import os
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any
 
 from difract_ext.util.atomic import atomic_write_json
 from difract_ext.util.config import config_from_dict, config_to_dict
+from difract_ext.util.files import read_json
 
 __all__ = [
     "CALL_DEFAULTS_FILE",
@@ -151,14 +152,9 @@ def read_call_defaults(folder: str | Path) -> CallDefaults | None:
         ValueError: a file that is not valid (see :meth:`CallDefaults.from_json`).
     """
     path = Path(folder) / CALL_DEFAULTS_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{path}: not valid JSON ({e}); rewrite it with write_call_defaults()"
-        ) from e
+    data = read_json(path, "call-defaults file (rewrite it with write_call_defaults())")
     return CallDefaults.from_json(data, source=str(path))
 
 

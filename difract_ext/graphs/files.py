@@ -4,8 +4,9 @@
 (``prune_graph``, ``create_nodes``, ``create_used_nodes_and_edges``, the pydantic models of
 ``frontend.graph_models``); it replaces only what assumes a language model:
 
-- position labels come from :meth:`GraphMeta.position_label` (``'txt 3 "cat"'``, ``'img r2c5'``)
-  instead of a Hugging Face tokenizer;
+- position labels come from :meth:`GraphMeta.position_label` (``'txt 3 "cat"'``, ``'img r2c5'``,
+  ``'txt 9 "<pad>"'`` for T5 padding, which FLUX attends to) instead of a Hugging Face tokenizer;
+  ``metadata.positions`` flags padding (``"padding": true``);
 - input (embedding) nodes without a kept edge are dropped, and ``ctx_idx`` is compacted to the
   positions that still carry nodes (ascending true position: text, then image patches row-major);
   the true position stays in ``metadata.prompt_tokens`` and ``metadata.positions``;
@@ -47,6 +48,7 @@ from difract_ext.graphs.schema import (
     TARGET_COLUMN_LABEL,
     validate_slug,
 )
+from difract_ext.replacement.inputs import is_padding_label
 from difract_ext.util.atomic import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
@@ -193,7 +195,7 @@ def _positions_block(meta: GraphMeta, kept: list[int]) -> list[dict[str, Any]]:
         if kind == "img":
             entry.update(row=a, col=b)
         else:
-            entry.update(token=a)
+            entry.update(token=a, padding=is_padding_label(meta.text_tokens[a]))
         block.append(entry)
     block.append({"pos": None, "kind": "targets", "label": TARGET_COLUMN_LABEL})
     return block

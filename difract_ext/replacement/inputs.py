@@ -75,13 +75,25 @@ class FluxStepInput:
         }
 
 
+#: Label of a T5 padding position (FLUX attends to padding: it is part of the model's input).
+PAD_LABEL = "<pad>"
+
+
 def text_token_labels(pipeline: Any, prompt: str, max_sequence_length: int) -> list[str]:
-    """The T5 tokens of ``prompt`` padded as ``FluxPipeline`` pads them (one label per position)."""
+    """The T5 tokens of ``prompt`` padded as ``FluxPipeline`` pads them (one label per position).
+
+    Padding positions (attention mask 0) are labelled :data:`PAD_LABEL`, whatever the tokenizer
+    calls its pad token, so graphs can tell them from real tokens.
+    """
     tok = pipeline.tokenizer_2
-    ids = tok(prompt, padding="max_length", max_length=max_sequence_length, truncation=True)[
-        "input_ids"
-    ]
-    return [t.replace("\u2581", "") or t for t in tok.convert_ids_to_tokens(ids)]
+    enc = tok(prompt, padding="max_length", max_length=max_sequence_length, truncation=True)
+    labels = [t.replace("\u2581", "") or t for t in tok.convert_ids_to_tokens(enc["input_ids"])]
+    return [lab if real else PAD_LABEL for lab, real in zip(labels, enc["attention_mask"])]
+
+
+def is_padding_label(label: str) -> bool:
+    """Whether a text token label (:func:`text_token_labels`) marks T5 padding."""
+    return label == PAD_LABEL
 
 
 @torch.no_grad()

@@ -42,32 +42,55 @@ def plan_groups(n_shards: int, epochs: int, mix_shards: int, seed: int) -> list[
     return groups
 
 
-def group_rows(reader: HarvestReader, group: Group, stream: str) -> int:
-    return sum(reader.shards[i].valid_rows.get(stream, 0) for i in group.shards)
+def group_rows(
+    reader: HarvestReader, group: Group, stream: str, include_padding: bool = True
+) -> int:
+    """Training rows of ``stream`` in ``group`` (tagged padding counted if ``include_padding``)."""
+    return sum(
+        (s.rows if include_padding else s.valid_rows).get(stream, 0)
+        for s in (reader.shards[i] for i in group.shards)
+    )
 
 
 def steps_per_stream(
-    reader: HarvestReader, groups: Sequence[Group], streams: Sequence[str], batch_size: int
+    reader: HarvestReader,
+    groups: Sequence[Group],
+    streams: Sequence[str],
+    batch_size: int,
+    include_padding: bool = True,
 ) -> dict[str, int]:
     """Optimizer steps each stream's dictionaries will take over ``groups``."""
-    return {s: sum(group_rows(reader, g, s) // batch_size for g in groups) for s in streams}
+    return {
+        s: sum(group_rows(reader, g, s, include_padding) // batch_size for g in groups)
+        for s in streams
+    }
 
 
 class GroupData:
-    """One group's shuffled rows for the streams and sites being trained.
+    """One group's shuffled rows for the streams and sites being trained (tagged T5 padding rows
+    included if ``include_padding``).
 
     ``batch(stream, key, b, rank, world)`` -> ``(x [B/W, D], y [B/W, D], t [B/W])`` float32.
     """
 
     def __init__(
-        self, reader: HarvestReader, group: Group, sites: Sequence[Site], seed: int, batch_size: int
+        self,
+        reader: HarvestReader,
+        group: Group,
+        sites: Sequence[Site],
+        seed: int,
+        batch_size: int,
+        include_padding: bool = True,
     ):
         self.batch_size = batch_size
         self.data: dict[str, dict[str, torch.Tensor]] = {}
         self.n_batches: dict[str, int] = {}
         for stream in sorted({s.stream for s in sites}):
             stream_sites = [s for s in sites if s.stream == stream]
-            parts = [reader.stream_rows(i, stream, stream_sites) for i in group.shards]
+            parts = [
+                reader.stream_rows(i, stream, stream_sites, valid_only=not include_padding)
+                for i in group.shards
+            ]
             parts = [p for p in parts if p]
             if not parts:
                 self.n_batches[stream] = 0

@@ -1,7 +1,8 @@
 """Held-out evaluation of conditioned dictionaries: FVU, cosine, L0, dead and dense features.
 
-For a dictionary at site ``s`` and a group of held-out rows ``G`` (all rows, or the rows of one
-timestep ``t``), with targets ``y [N, D]`` and reconstructions ``ŷ`` (transcoder: from ``x``; SAE:
+For a dictionary at site ``s`` and a group of held-out rows ``G`` (all rows, the rows of one
+timestep ``t``, or, for the text stream of a harvest that tags T5 padding, the real-token rows or
+the padding rows), with targets ``y [N, D]`` and reconstructions ``ŷ`` (transcoder: from ``x``; SAE:
 from ``y``) and activations ``z [N, d_sae]``::
 
     FVU                = Σ_n ‖y_n − ŷ_n‖² / Σ_n ‖y_n − ȳ‖²        (ȳ: mean over G)
@@ -13,6 +14,8 @@ from ``y``) and activations ``z [N, d_sae]``::
     overactive_fraction = the same with 30 % for the threshold (see ``quality.py``)
 
 Sums are accumulated in float64 over batches, so the numbers do not depend on the batch size.
+Group ``"all"`` holds every row of the harvest: for text, padding included when it was kept
+(FLUX attends to every T5 position); ``"real"`` and ``"padding"`` split it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from difract_ext.util.config import config_to_dict
 logger = logging.getLogger(__name__)
 
 ALL = "all"
+#: text rows of real T5 tokens / of T5 padding (harvests with ``text_padding="tag"`` only)
+REAL, PADDING = "real", "padding"
 
 
 class _Acc:
@@ -100,6 +105,11 @@ def t_label(t: float) -> str:
     return f"t={t:g}"
 
 
+def is_t_label(group: str) -> bool:
+    """Whether ``group`` is a per-timestep group (``"t=0.5"``)."""
+    return group.startswith("t=")
+
+
 @torch.no_grad()
 def evaluate_dictionaries(
     dictionaries: Sequence[TrainedDictionary],
@@ -120,6 +130,9 @@ def evaluate_dictionaries(
         dense_threshold: firing rate above which a feature counts as dense.
         per_timestep: also report one group per distinct t.
 
+    Text dictionaries evaluated on a harvest that tags T5 padding also get groups ``"real"`` and
+    ``"padding"`` (``"all"`` is both).
+
     Returns:
         one :class:`DictionaryEval` per dictionary, in input order.
     """
@@ -134,12 +147,20 @@ def evaluate_dictionaries(
         for stream in streams:
             idx = [j for j, d in enumerate(dictionaries) if d.spec.site.stream == stream]
             sites = sorted({dictionaries[j].spec.site for j in idx})
-            rows = reader.stream_rows(i, stream, sites)
+            rows = reader.stream_rows(i, stream, sites, valid_only=False)
             if not rows:
                 continue
+            valid_rows = rows.pop("valid", None)
             n = rows["t"].shape[0]
             for lo in range(0, n, batch_size):
                 t = rows["t"][lo : lo + batch_size].to(device)
+                groups: dict[str, torch.Tensor | None] = {ALL: None}
+                if valid_rows is not None:
+                    valid = valid_rows[lo : lo + batch_size].to(device)
+                    groups.update({REAL: valid, PADDING: ~valid})
+                if per_timestep:
+                    for tv in torch.unique(t).tolist():
+                        groups[t_label(tv)] = t == tv
                 for j in idx:
                     d = dictionaries[j]
                     key = str(d.spec.site)
@@ -152,11 +173,9 @@ def evaluate_dictionaries(
                     z = d.module.encode(y if d.spec.role == "sae" else x, t=t)
                     y_hat = d.module.linear_decode(z)
                     active = z > 0
-                    groups = {ALL: None}
-                    if per_timestep:
-                        for tv in torch.unique(t).tolist():
-                            groups[t_label(tv)] = t == tv
                     for g, mask in groups.items():
+                        if mask is not None and not bool(mask.any()):
+                            continue
                         acc = accs[j].get(g)
                         if acc is None:
                             acc = accs[j][g] = _Acc(y.shape[-1], z.shape[-1])
@@ -174,7 +193,9 @@ def evaluate_dictionaries(
             d.spec.sparsity,
             int(d.module.cfg.d_sae),
         )
-        order = [ALL] + sorted((g for g in acc if g != ALL), key=lambda s: -float(s[2:]))
+        order = [ALL, REAL, PADDING] + sorted(
+            (g for g in acc if is_t_label(g)), key=lambda s: -float(s[2:])
+        )
         ev.groups = {g: acc[g].result(dense_threshold) for g in order if g in acc}
         out.append(ev)
     return out
@@ -235,7 +256,9 @@ def verdict(metrics: dict[str, float]) -> str:
 
 def per_timestep_table(evals: Sequence[DictionaryEval]) -> str:
     """Markdown table of explained variance and L0 per dictionary and timestep."""
-    groups = sorted({g for e in evals for g in e.groups if g != ALL}, key=lambda s: -float(s[2:]))
+    groups = sorted(
+        {g for e in evals for g in e.groups if is_t_label(g)}, key=lambda s: -float(s[2:])
+    )
     head = "| dictionary | " + " | ".join(f"EV {g} | L0 {g}" for g in groups) + " |\n"
     head += "|---|" + "---|---|" * len(groups) + "\n"
     lines = []
@@ -245,4 +268,25 @@ def per_timestep_table(evals: Sequence[DictionaryEval]) -> str:
             m = e.groups.get(g)
             cells += [f"{m['explained_variance']:.4f}", f"{m['l0']:.2f}"] if m else ["", ""]
         lines.append(f"| {e.name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def padding_table(evals: Sequence[DictionaryEval]) -> str:
+    """Markdown table of the text dictionaries evaluated with tagged padding: EV, cosine and L0
+    over every position, real tokens and padding (empty if none)."""
+    rows = [e for e in evals if PADDING in e.groups]
+    if not rows:
+        return ""
+    head = (
+        "| dictionary | EV all | EV real | EV padding | cosine real | cosine padding | "
+        "L0 real | L0 padding | padding rows |\n" + "|---" * 9 + "|\n"
+    )
+    lines = []
+    for e in rows:
+        a, r, p = e.groups[ALL], e.groups[REAL], e.groups[PADDING]
+        lines.append(
+            f"| {e.name} | {a['explained_variance']:.4f} | {r['explained_variance']:.4f} | "
+            f"{p['explained_variance']:.4f} | {r['cosine']:.4f} | {p['cosine']:.4f} | "
+            f"{r['l0']:.2f} | {p['l0']:.2f} | {p['n_rows'] / a['n_rows']:.0%} |"
+        )
     return head + "\n".join(lines) + "\n"

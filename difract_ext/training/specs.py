@@ -158,6 +158,9 @@ class TrainConfig:
         stop_after_steps: stop (with a checkpoint) once this many global steps are done,
             for time-limited jobs; resume later.
         log_every: steps between log lines / history entries.
+        include_padding: train on the T5 padding rows of a harvest that tags them
+            (``text_padding="tag"``), as DifFRACT does: FLUX attends to every T5 position. False
+            trains on real tokens only.
     """
 
     batch_size: int = 4096
@@ -179,6 +182,7 @@ class TrainConfig:
     checkpoint_every_seconds: float = 300.0
     stop_after_steps: int | None = None
     log_every: int = 100
+    include_padding: bool = True
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))

@@ -3,7 +3,7 @@
 Why our own loop and not SAELens' ``SAETrainer``: the SAELens trainer fits one SAE per trainer
 fed by a fixed-size provider; it hard-codes Adam with gradient clipping at 1.0, evaluates only
 through wandb, has no data-parallel path, no decoder projection and no dead-feature resampling.
-Our data are ``(x, y, t)`` triples with different row counts per stream (text rows minus padding),
+Our data are ``(x, y, t)`` triples with different row counts per stream,
 and the recipes need AdamW, a per-step cosine schedule, an L1 warm-up, unit-norm decoder rows after
 every step and a dead-feature remedy. A ~300-line loop that does exactly this, runs under
 ``accelerate`` (DDP), and writes SAELens folders is simpler than adapting ``SAETrainer``; the
@@ -267,14 +267,17 @@ def train_dictionaries(
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
     groups = plan_groups(len(reader.shards), cfg.epochs, cfg.mix_shards, cfg.seed)
     streams = sorted({s.site.stream for s in specs})
-    totals = steps_per_stream(reader, groups, streams, cfg.batch_size)
+    totals = steps_per_stream(reader, groups, streams, cfg.batch_size, cfg.include_padding)
     for s, n in totals.items():
         if n == 0:
             raise ValueError(
                 f"stream {s!r} has fewer rows per shard group than batch_size={cfg.batch_size}; "
                 "harvest more, lower batch_size or raise mix_shards"
             )
-    n_global = sum(max(group_rows(reader, g, s) // cfg.batch_size for s in streams) for g in groups)
+    n_global = sum(
+        max(group_rows(reader, g, s, cfg.include_padding) // cfg.batch_size for s in streams)
+        for g in groups
+    )
     fingerprint = _fingerprint(reader, specs, cfg)
     ckpt_path = out / CHECKPOINT
     finished = _finished_run(out, fingerprint, resume, acc.device, io)
@@ -358,7 +361,14 @@ def train_dictionaries(
     interrupt.install()
     try:
         for gi in range(position[0], len(groups)):
-            gd = GroupData(reader, groups[gi], [s.site for s in specs], cfg.seed, cfg.batch_size)
+            gd = GroupData(
+                reader,
+                groups[gi],
+                [s.site for s in specs],
+                cfg.seed,
+                cfg.batch_size,
+                cfg.include_padding,
+            )
             nb = max(gd.n_batches.values(), default=0)
             for b in range(position[1] if gi == position[0] else 0, nb):
                 for st in states:
@@ -406,7 +416,8 @@ def train_dictionaries(
             "model_name": reader.model_name,
             "n_prompts": len(reader.prompts),
             "prompts_sha256": _prompts_digest(reader.prompts),
-            "rows": {s: reader.n_rows(s) for s in streams},
+            "rows": {s: reader.n_rows(s, valid_only=not cfg.include_padding) for s in streams},
+            "text_padding": reader.config.get("text_padding"),
             "timesteps": trained_t,
         }
         index = []

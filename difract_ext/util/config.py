@@ -13,7 +13,7 @@ neither written nor read.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -21,8 +21,16 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from difract_ext.util.atomic import atomic_write_json
+from difract_ext.util.files import BadFileError, read_json
 
-__all__ = ["ConfigError", "config_from_dict", "config_to_dict", "read_config", "write_config"]
+__all__ = [
+    "ConfigError",
+    "check_value",
+    "config_from_dict",
+    "config_to_dict",
+    "read_config",
+    "write_config",
+]
 
 T = TypeVar("T")
 
@@ -88,6 +96,10 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
         return value
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Literal:
+        if not any(value == a and type(value) is type(a) for a in args):
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
     if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
         if value is None and type(None) in args:
             return None
@@ -114,6 +126,8 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -197,6 +211,16 @@ def _from_mapping(cls: type[T], data: Any, source: str) -> T:
         raise ConfigError(f"{source}: invalid {cls.__name__}: {e}") from e
 
 
+def check_value(tp: Any, value: Any, where: str) -> Any:
+    """``value`` checked against the annotation ``tp`` by the rules of :func:`config_from_dict`
+    (ints as floats allowed, nothing else coerced; floats finite).
+
+    Raises:
+        ConfigError: naming ``where``.
+    """
+    return _decode(tp, value, where)
+
+
 def config_from_dict(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
     """Build dataclass ``cls`` from :func:`config_to_dict`'s output (or JSON of it).
 
@@ -221,11 +245,13 @@ def read_config(cls: type[T], path: str | Path) -> T:
     """Read a file written by :func:`write_config`.
 
     Raises:
-        ConfigError: the file is not JSON or does not match ``cls`` (names the file and key).
+        FileNotFoundError: no such file.
+        ConfigError: the file is not a regular file, too large, not JSON or does not match
+            ``cls`` (names the file and key).
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); delete it or write it again") from e
+        data = read_json(path, f"{cls.__name__} config")
+    except BadFileError as e:
+        raise ConfigError(str(e)) from None
     return config_from_dict(cls, data, source=str(path))

@@ -1,12 +1,19 @@
-"""circuit-tracer's ``attribute()`` on one FLUX denoising step: the bridge, no science.
+"""Attribution graphs of one FLUX denoising step, and circuit-tracer's view of them: the bridge.
+
+:func:`attribute_step` builds a :class:`~difract_ext.attribution.row_graph.RowGraph` with the
+core's driver (:func:`~difract_ext.attribution.build.build_graph`: circuit-tracer's ranking,
+rows kept compact, no square matrix), or, with ``method="circuit-tracer"``, with circuit-tracer's
+own ``attribute()`` (dense ``[M, M]``: small graphs only, kept as the reference the driver is
+tested against).
 
 :class:`FluxReplacementModel` satisfies the duck-typed model protocol of circuit-tracer 0.5's
 ``_run_attribution`` (``ensure_tokenized``, ``setup_attribution``, ``run_forward_pass``,
 ``tokenizer``, ``model_config``, ``unembed_proj``, ``scan``) over the core's
-:class:`~difract_ext.attribution.step.AttributionStep`. circuit-tracer's own ``attribute``,
-``Graph``, ``prune_graph`` and ``compute_graph_scores`` drive the run; the rows come from
-:class:`~difract_ext.attribution.edges.StepEdges` (batched edge kernels, layer-sorted backward
-passes, row totals) and the residue nodes from :func:`~difract_ext.attribution.residue.add_residue`.
+:class:`~difract_ext.attribution.step.AttributionStep`; the rows come from
+:class:`~difract_ext.attribution.edges.StepEdges` and the residue nodes from
+:func:`~difract_ext.attribution.residue.add_residue`. :func:`circuit_tracer_graph` turns a
+(small) ``RowGraph`` into circuit-tracer's ``Graph`` for its ``prune_graph``,
+``compute_graph_scores`` or ``.pt`` files.
 
 What is translated:
 
@@ -20,6 +27,7 @@ What is translated:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,13 +37,16 @@ from typing import Any
 import torch
 from circuit_tracer.attribution.attribute import attribute
 from circuit_tracer.attribution.context_transformerlens import AttributionContext
-from circuit_tracer.attribution.targets import CustomTarget
+from circuit_tracer.attribution.targets import CustomTarget, LogitTarget
 from circuit_tracer.graph import Graph
 from circuit_tracer.utils.tl_nnsight_mapping import UnifiedConfig
 
+from difract_ext.attribution.build import build_graph
 from difract_ext.attribution.edges import Hook, StepEdges
 from difract_ext.attribution.graph_meta import GraphMeta
+from difract_ext.attribution.ranking import RANK_BYTES
 from difract_ext.attribution.residue import add_residue
+from difract_ext.attribution.row_graph import RowGraph, TargetNode
 from difract_ext.attribution.step import AttributionStep
 from difract_ext.replacement.components import StepComponents
 from difract_ext.replacement.frozen import frozen_parameters
@@ -83,15 +94,20 @@ class FluxAttributionContext(AttributionContext):
 
 @dataclass
 class FluxAttribution:
-    """Result of :func:`attribute_step`: circuit-tracer's graph plus what it is about."""
+    """Result of :func:`attribute_step`: the graph (rows of its expanded nodes) and what it is
+    about."""
 
-    graph: Graph
+    graph: RowGraph
     meta: GraphMeta
     targets: list[TargetSpec]
     components: StepComponents
     target_values: torch.Tensor  # [K] value of each target on the real step
     n_residue: int
     model: FluxReplacementModel
+
+    def circuit_tracer_graph(self) -> Graph:
+        """circuit-tracer's dense ``Graph`` of this (small) graph (:func:`circuit_tracer_graph`)."""
+        return circuit_tracer_graph(self.graph, self.model.model_config)
 
 
 class FluxReplacementModel(AttributionStep):
@@ -162,8 +178,13 @@ class FluxReplacementModel(AttributionStep):
         self, input_ids: torch.Tensor, batch_size: int, ctx: FluxAttributionContext
     ) -> None:
         """Build the affine graph at ``min(batch_size, backward_batch)`` copies (rows per pass)."""
+        release = not any(p.requires_grad for p in self.frozen.flux.parameters())
         with ctx.install_hooks(self):
+            if release:
+                ctx.edges.release_forward_values(during_forward=True)
             self.frozen.linear_forward(batch=min(batch_size, self.backward_batch or batch_size))
+        if release:
+            ctx.edges.release_forward_values()
 
 
 def attribute_step(
@@ -175,11 +196,15 @@ def attribute_step(
     max_feature_nodes: int | None = None,
     batch_size: int | None = None,
     backward_batch: int | None = None,
+    rank_entries: int | None = None,
+    rank_bytes: int = RANK_BYTES,
+    offload: bool | None = None,
+    method: str = "rows",
     scan: str | None = None,
     model_name: str = "flux",
     verbose: bool = False,
 ) -> FluxAttribution:
-    """Attribution graph of one denoising step through circuit-tracer's ``attribute()``.
+    """Attribution graph of one denoising step.
 
     Args:
         transformer: the pipeline's ``FluxTransformer2DModel``.
@@ -190,17 +215,24 @@ def attribute_step(
             often need the model's frozen step, e.g. :func:`output_target`).
         max_feature_nodes: expand at most this many features (None: all); the others' effects
             become residue nodes.
-        batch_size: circuit-tracer's batch (rows per ``compute_batch`` call; its influence
-            ranking is refreshed every 4 batches); None picks 128 on CPU and 256 on GPUs.
+        batch_size: rows per ranking batch (circuit-tracer's batch: its influence ranking is
+            refreshed every 4 batches); None picks 128 on CPU and 256 on GPUs.
         backward_batch: rows per backward pass (the forward graph is built at this many copies);
-            a larger circuit-tracer batch is sorted by layer and cut into backward batches of
-            this size. None picks 32 on CPU (cache-bound: smaller is faster there) and
-            ``batch_size`` on GPUs.
+            a larger batch is sorted by layer and cut into backward passes of this size. None
+            picks 32 on CPU (cache-bound: smaller is faster there) and ``batch_size`` on GPUs.
+        rank_entries, rank_bytes: how the selection pass keeps its rows
+            (:func:`~difract_ext.attribution.ranking.plan_ranking`); ``method="rows"`` only.
+        offload: move the modules the affine path does not use (MLPs, q/k and AdaLN linears)
+            to the CPU while the graph is built (``FrozenFlux.offload_unused``); None: on GPUs.
+        method: ``"rows"`` (the core's driver, memory linear in positions × layers) or
+            ``"circuit-tracer"`` (its ``attribute()`` and a dense square matrix: small graphs).
 
     Raises:
         SiteError: a dictionary key that is not a site (e.g. a ``(stream, layer)`` tuple).
-        ValueError: no target, or a batch size below 1.
+        ValueError: no target, a batch size below 1, or an unknown method.
     """
+    if method not in ("rows", "circuit-tracer"):
+        raise ValueError(f"method must be 'rows' or 'circuit-tracer', got {method!r}")
     cuda = next(transformer.parameters()).is_cuda
     if batch_size is None:
         batch_size = 256 if cuda else 128
@@ -213,21 +245,25 @@ def attribute_step(
     model = FluxReplacementModel(transformer, step, dictionaries, scan=scan, model_name=model_name)
     model.backward_batch = backward_batch
     specs = model.set_targets(targets)
-    weights = torch.tensor([t.weight for t in specs], dtype=torch.float32)
-    custom = [  # vec: the target's row index (see the module docstring)
-        CustomTarget(token_str=t.label, prob=float(w), vec=torch.tensor([i]))
-        for i, (t, w) in enumerate(zip(specs, weights / weights.sum(), strict=True))
-    ]
-    with torch.enable_grad(), frozen_parameters(transformer), _no_scan_warning(scan):
-        graph = attribute(
-            None,
-            model,
-            attribution_targets=custom,
-            batch_size=batch_size,
-            max_feature_nodes=max_feature_nodes,
-            verbose=verbose,
-        )
-        graph, n_res = _with_residue(graph, model)
+    if offload is None:
+        offload = cuda
+    moved = model.frozen.offload_unused("cpu") if offload else contextlib.nullcontext()
+    with torch.enable_grad(), frozen_parameters(transformer), _no_scan_warning(scan), moved:
+        if method == "rows":
+            graph = build_graph(
+                model,
+                max_feature_nodes=max_feature_nodes,
+                batch_size=batch_size,
+                backward_batch=backward_batch,
+                rank_entries=rank_entries,
+                rank_bytes=rank_bytes,
+                scan=scan,
+            )
+            n_res = int(graph.info["n_residue"])
+        else:
+            graph, n_res = _circuit_tracer_attribution(
+                model, specs, batch_size, max_feature_nodes, verbose
+            )
     return FluxAttribution(
         graph=graph,
         meta=model.meta,
@@ -239,8 +275,27 @@ def attribute_step(
     )
 
 
-def _with_residue(graph: Graph, model: FluxReplacementModel) -> tuple[Graph, int]:
-    """``graph`` with residue nodes for unexpanded features (the core's :func:`add_residue`)."""
+def _circuit_tracer_attribution(
+    model: FluxReplacementModel,
+    specs: Sequence[TargetSpec],
+    batch_size: int,
+    max_feature_nodes: int | None,
+    verbose: bool,
+) -> tuple[RowGraph, int]:
+    """circuit-tracer's ``attribute()`` and the core's dense :func:`add_residue`, as rows."""
+    weights = torch.tensor([t.weight for t in specs], dtype=torch.float32)
+    custom = [  # vec: the target's row index (see the module docstring)
+        CustomTarget(token_str=t.label, prob=float(w), vec=torch.tensor([i]))
+        for i, (t, w) in enumerate(zip(specs, weights / weights.sum(), strict=True))
+    ]
+    graph = attribute(
+        None,
+        model,
+        attribution_targets=custom,
+        batch_size=batch_size,
+        max_feature_nodes=max_feature_nodes,
+        verbose=verbose,
+    )
     assert model.edges_in_use is not None
     res = add_residue(
         graph.adjacency_matrix,
@@ -251,22 +306,62 @@ def _with_residue(graph: Graph, model: FluxReplacementModel) -> tuple[Graph, int
         model.edges_in_use.totals,
         model.meta.n_pos,
     )
-    if res.n_residue == 0:
-        return graph, 0
-    out = Graph(
-        input_string=graph.input_string,
-        input_tokens=graph.input_tokens,
+    n_feat = len(res.selected)
+    m = res.adjacency.shape[0]
+    rows = RowGraph(
+        rows=res.adjacency[
+            torch.cat([torch.arange(n_feat - res.n_residue), torch.arange(m - len(specs), m)])
+        ].float(),
+        row_nodes=torch.cat(
+            [torch.arange(n_feat - res.n_residue), torch.arange(m - len(specs), m)]
+        ),
         active_features=res.active_features,
-        adjacency_matrix=res.adjacency,
-        cfg=graph.cfg,
         selected_features=res.selected,
         activation_values=res.activation_values,
-        logit_targets=graph.logit_targets,
+        logit_targets=[TargetNode(t.token_str, int(t.vocab_idx)) for t in graph.logit_targets],
         logit_probabilities=graph.logit_probabilities,
+        n_pos=model.meta.n_pos,
+        n_layers=model.meta.n_layers,
+        input_string=graph.input_string,
         scan=graph.scan,
-        vocab_size=graph.vocab_size,
+        info={"method": "circuit-tracer", "n_residue": res.n_residue},
     )
-    return out, res.n_residue
+    return rows, res.n_residue
+
+
+def circuit_tracer_graph(graph: RowGraph, cfg: UnifiedConfig | None = None) -> Graph:
+    """circuit-tracer's ``Graph`` of a (small) row graph: the dense square adjacency.
+
+    ``cfg`` defaults to a minimal config with the graph's layers and positions.
+
+    Raises:
+        MemoryError: the square matrix would be too large (see ``RowGraph.dense_adjacency``).
+    """
+    cfg = cfg or UnifiedConfig(
+        n_layers=graph.n_layers,
+        d_model=1,
+        d_head=1,
+        n_heads=1,
+        d_mlp=1,
+        d_vocab=graph.n_pos,
+        tokenizer_name="difract-ext/positions",
+        model_name="flux",
+        original_architecture="FluxTransformer2DModel",
+    )
+    with _no_scan_warning(graph.scan):
+        return Graph(
+            input_string=graph.input_string,
+            input_tokens=graph.input_tokens,
+            active_features=graph.active_features,
+            adjacency_matrix=graph.dense_adjacency(),
+            cfg=cfg,
+            selected_features=graph.selected_features,
+            activation_values=graph.activation_values,
+            logit_targets=[LogitTarget(t.token_str, t.vocab_idx) for t in graph.logit_targets],
+            logit_probabilities=graph.logit_probabilities,
+            scan=graph.scan,
+            vocab_size=graph.n_pos,
+        )
 
 
 class _DropScanWarning(logging.Filter):

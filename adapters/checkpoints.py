@@ -14,6 +14,7 @@ views), so a 1.2 GB release file is not copied into RAM.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ from sae_lens.saes.sae import SAEMetadata
 
 from difract_ext._version import __version__
 from difract_ext.adapters.dictionaries import (
+    SAELENS_FILES,
     TimestepSAE,
     TimestepSAEConfig,
     TimestepTranscoder,
     TimestepTranscoderConfig,
+    load_dictionary_folder,
 )
 from difract_ext.dictionary.difract_format import (
     ROLES,
@@ -45,7 +48,8 @@ from difract_ext.flux.sites import (
     check_stream,
     dictionary_metadata,
 )
-from difract_ext.util.atomic import atomic_write_json, atomic_write_with
+from difract_ext.util.atomic import atomic_write_json, atomic_write_with, check_replaceable
+from difract_ext.util.files import BadFileError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ def load_difract_checkpoint(
     dtype: str | None = None,
     mmap: bool = True,
     decoder_norm_atol: float | None = 1e-4,
+    verify: bool = True,
 ) -> Dictionary:
     """Load one DifFRACT checkpoint as a :class:`TimestepTranscoder` or :class:`TimestepSAE`.
 
@@ -83,9 +88,11 @@ def load_difract_checkpoint(
         device, dtype: where to put it; ``dtype=None`` keeps the file's dtype (and its memory map).
         mmap: memory-map the file instead of reading it into RAM.
         decoder_norm_atol: tolerance of the unit-norm decoder check; None skips it.
+        verify: check the file's CRC-32 checksums first (~1 s per GB, flat memory).
 
     Raises:
-        CheckpointError: unsafe or malformed files, with the file and key named.
+        CheckpointError: unsafe, corrupt or malformed files (NaN/inf weights included), with the
+            file and key named.
     """
     path = Path(path)
     if role is None or stream is None or layer is None:
@@ -99,8 +106,8 @@ def load_difract_checkpoint(
         site = Site(layer=int(layer), stream=check_stream(stream))
     except ValueError as err:
         raise CheckpointError(f"{path.name}: {err}") from err
-    sd = load_state_dict_safely(path, mmap=mmap)
-    dims = validate_difract_state_dict(sd, where=path.name, decoder_norm_atol=decoder_norm_atol)
+    sd = load_state_dict_safely(path, mmap=mmap, verify=verify)
+    dims = validate_difract_state_dict(sd, where=str(path), decoder_norm_atol=decoder_norm_atol)
     file_dtype = _DTYPE_NAMES.get(sd["decoder.weight"].dtype, "float32")
     metadata = dictionary_metadata(site, role, model_name, source="DifFRACT", source_file=path.name)
     common: dict[str, Any] = {
@@ -120,7 +127,7 @@ def load_difract_checkpoint(
         module = TimestepSAE(TimestepSAEConfig(**common))
     module.cfg.device = device
     state = to_dictionary_state_dict(sd)
-    module.process_state_dict_for_loading(state)  # no copies for a memory-mapped release file
+    module.prepare_state_dict(state)  # checked above; no copies for a memory-mapped file
     module.load_state_dict(state, strict=True, assign=True)
     target = dtype or file_dtype
     return module.to(device=device, dtype=getattr(torch, target))
@@ -149,7 +156,13 @@ def _discover(folder: Path, prefix: str, streams: Sequence[str]) -> dict[Site, P
         except CheckpointError:
             continue
         if name.role == prefix and name.stream in streams:
-            found[Site(name.layer, name.stream)] = file
+            site = Site(name.layer, name.stream)
+            if site in found:
+                raise CheckpointError(
+                    f"{folder}: two files for {prefix} {site}: {found[site].name} and {file.name}; "
+                    "remove or rename one (e.g. transcoder_img_03.pt is layer 3 too)"
+                )
+            found[site] = file
     return found
 
 
@@ -204,6 +217,40 @@ def load_difract_dir(
     return out
 
 
+MANIFEST = "manifest.json"
+
+
+def _previous_conversion(dst: Path) -> dict[str, dict[str, Any]]:
+    """The entries (by ``path``) of an earlier ``difract convert`` into ``dst``; ``{}`` for a new
+    or empty folder.
+
+    Raises:
+        FileExistsError: ``dst`` is not a folder, or holds files but no manifest of ours.
+    """
+    if not os.path.lexists(dst):
+        return {}
+    if dst.is_symlink() or not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a folder; choose another output folder")
+    if not any(dst.iterdir()):
+        return {}
+    manifest = dst / MANIFEST
+    refuse = (
+        f"{dst} is not empty and was not written by `difract convert` (no {MANIFEST} of ours); "
+        "converting into it could overwrite your files, so nothing was written. Choose a new or "
+        "empty output folder"
+    )
+    if not os.path.lexists(manifest):
+        raise FileExistsError(refuse)
+    try:
+        data = read_json(manifest, "conversion manifest", required=["converted_by", "files"])
+    except BadFileError as e:
+        raise FileExistsError(f"{refuse} ({e})") from None
+    files = data["files"]
+    if not str(data["converted_by"]).startswith("difract-ext") or not isinstance(files, list):
+        raise FileExistsError(refuse)
+    return {str(e["path"]): e for e in files if isinstance(e, dict) and "path" in e}
+
+
 def convert_difract_dir(
     src: str | Path,
     dst: str | Path,
@@ -217,37 +264,64 @@ def convert_difract_dir(
     atomically) and ``dst/manifest.json`` listing source file, SHA-256, role, stream, layer and
     sizes. Each result loads with ``SAE.load_from_disk`` once ``difract_ext`` is imported.
 
+    ``dst`` must be new, empty, or an earlier conversion's folder (its manifest says which
+    sub-folders are ours); only those sub-folders are replaced, and only while they hold nothing
+    but the two files. Everything is checked before anything is written; nothing else is ever
+    deleted. Entries of the earlier manifest that are not converted again are kept.
+
     Returns:
         The manifest path.
+
+    Raises:
+        CheckpointError: no checkpoints in ``src``, or a bad checkpoint.
+        FileExistsError: ``dst`` holds files this tool did not write.
     """
     src, dst = Path(src), Path(dst)
-    entries: list[dict[str, Any]] = []
-    for prefix in prefixes:
-        if not src.is_dir():
-            raise CheckpointError(f"{src}: not a directory")
-        for site, file in sorted(_discover(src, prefix, streams).items()):
-            module = load_difract_checkpoint(file, **kwargs)
-            rel = Path(f"{prefix}s") / str(site)
-            module.save_model(dst / rel)
-            entries.append(
-                {
-                    "source_file": file.name,
-                    "sha256": sha256_file(file),
-                    "role": prefix,
-                    "stream": site.stream,
-                    "layer": site.layer,
-                    "d_in": module.cfg.d_in,
-                    "d_sae": module.cfg.d_sae,
-                    "path": rel.as_posix(),
-                    "architecture": module.cfg.architecture(),
-                }
-            )
-            logger.info("converted %s -> %s", file.name, rel)
-    if not entries:
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory")
+    targets = [
+        (file, Path(f"{prefix}s") / str(site))
+        for prefix in prefixes
+        for site, file in sorted(_discover(src, prefix, streams).items())
+    ]
+    if not targets:
         raise CheckpointError(f"{src}: no DifFRACT checkpoints ({'/'.join(prefixes)}_*.pt) found")
+    previous = _previous_conversion(dst)
+    for _, rel in targets:
+        if os.path.lexists(dst / rel):
+            if rel.as_posix() not in previous:
+                raise FileExistsError(
+                    f"{dst / rel} exists but is not listed in {dst / MANIFEST}; it is not ours to "
+                    "replace. Move it away or choose another output folder"
+                )
+            check_replaceable(dst / rel, SAELENS_FILES)
+    entries: list[dict[str, Any]] = []
+    for file, rel in targets:
+        module = load_difract_checkpoint(file, **kwargs)
+        module.save_model(dst / rel)
+        entries.append(
+            {
+                "source_file": file.name,
+                "sha256": sha256_file(file),
+                "role": module.role,
+                "stream": module.cfg.metadata.stream,
+                "layer": module.cfg.metadata.layer,
+                "d_in": module.cfg.d_in,
+                "d_sae": module.cfg.d_sae,
+                "path": rel.as_posix(),
+                "architecture": module.cfg.architecture(),
+            }
+        )
+        logger.info("converted %s -> %s", file.name, rel)
+    written = {e["path"] for e in entries}
+    kept = [e for p, e in sorted(previous.items()) if p not in written]
     return atomic_write_json(
-        dst / "manifest.json",
-        {"converted_by": f"difract-ext {__version__}", "source_dir": str(src), "files": entries},
+        dst / MANIFEST,
+        {
+            "converted_by": f"difract-ext {__version__}",
+            "source_dir": str(src),
+            "files": entries + kept,
+        },
     )
 
 
@@ -280,18 +354,12 @@ def load_dictionary_dir(
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such dictionary folder")
     wanted_layers = None if layers is None else {int(x) for x in layers}
-    from sae_lens import SAE
-
     found: dict[Site, list[tuple[Path, Dictionary]]] = {}
     others: list[str] = []
     for cfg in sorted(root.glob("**/cfg.json")):
         if any(part.startswith(".") for part in cfg.relative_to(root).parts):
             continue  # unfinished atomic writes (hidden temporaries) are never results
-        module = SAE.load_from_disk(str(cfg.parent), device=device)
-        if not isinstance(module, (TimestepTranscoder, TimestepSAE)):
-            raise CheckpointError(
-                f"{cfg.parent}: a {type(module).__name__}, not a difract-ext dictionary"
-            )
+        module = load_dictionary_folder(cfg.parent, device=device)
         if _role_of(module) != role:
             others.append(str(cfg.parent))
             continue
@@ -304,6 +372,13 @@ def load_dictionary_dir(
     if not found and not others:
         return load_difract_dir(
             root, layers=wanted_layers, streams=streams, prefix=role, device=device
+        )
+    loose = _discover(root, role, streams)
+    if loose:
+        raise CheckpointError(
+            f"{root}: holds both SAELens folders and DifFRACT files "
+            f"({', '.join(p.name for p in loose.values())}); which one is meant is unclear. Pass "
+            "a folder with one kind (e.g. move the .pt files, or convert them with difract convert)"
         )
     clashes = {site: [str(p) for p, _ in items] for site, items in found.items() if len(items) > 1}
     if clashes:

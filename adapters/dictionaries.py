@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import SafetensorError, safe_open
 from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
+from safetensors import SafetensorError, safe_open
 from typing_extensions import override
 
 from difract_ext.dictionary.conditioning import (

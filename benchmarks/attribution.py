@@ -1,4 +1,4 @@
-"""Batched attribution (circuit-tracer's attribute()) vs a per-node reference, side by side.
+"""Batched attribution (the row driver, circuit-tracer's ranking) vs a per-node reference.
 
     python benchmarks/attribution.py [--model shapes|tiny] [--sizes 32 64] [--nodes 400]
 
@@ -127,7 +127,7 @@ def run_batched(args: argparse.Namespace, out: Path) -> dict:
     feats = g.active_features[g.selected_features]
     torch.save(
         {
-            "adjacency": g.adjacency_matrix,
+            "adjacency": g.dense_adjacency(),  # small graphs: the square form
             "features": feats,
             "n_feat": n_feat,
             "n_residue": res.n_residue,

@@ -14,7 +14,8 @@ Stages (each resumes or is skipped when its output exists; ``--fresh`` starts ov
    ``--resample-min-rate`` (rare training features are often never active on held-out prompts).
    Targets on the held-out harvest, every shipped transcoder: EV >= 0.9 (text: over every
    position, padding included), dead < 5%, L0 <= 25%. ``--streams txt`` trains (and ships) only
-   the text stream's dictionaries and keeps the shipped image ones as they are.
+   the text stream's dictionaries and keeps the shipped image ones as they are; the sweep on the
+   other streams' ``--sweep-sites`` is still trained (in ``dicts-sweep/``), for the curves.
 3. **eval** on the held-out harvest: FVU / EV / cosine / L0 / dead / dense per timestep and, for
    text, over real tokens and padding apart; curves, spliced generation (each MLP alone, then
    all) with the shapes analyzer's prompt adherence. Shipped dictionaries of streams not trained
@@ -256,8 +257,12 @@ def stage_harvest(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
 
 def ship_specs(
     args: argparse.Namespace, sites: list[Site]
-) -> tuple[list[DictionarySpec], list[DictionarySpec]]:
-    """(shipping specs, all specs including the sweep)."""
+) -> tuple[list[DictionarySpec], list[DictionarySpec], list[DictionarySpec]]:
+    """(shipping specs of ``--streams``, those plus their sweep, the sweep of the other streams).
+
+    The sweep of a stream not trained leaves out its shipping specs: the shipped dictionaries
+    (kept as they are) are those points.
+    """
     lam = {"img": args.l1_img, "txt": args.l1_txt}
     width = {"img": args.expansion_img, "txt": args.expansion_txt}
 
@@ -273,21 +278,18 @@ def ship_specs(
         raise SystemExit(
             f"--l1-site / --expansion-site name sites that were not harvested: {unknown}"
         )
-    sites = [s for s in sites if s.stream in args.streams]
-    ship = [
+    every = [
         DictionarySpec(s, "transcoder", "relu", l1_coefficient=ship_l1(s), **common(s))
         for s in sites
     ]
-    ship += [
+    every += [
         DictionarySpec(s, "sae", "relu", l1_coefficient=args.l1_sae, **common(s))
         for s in sites
         if s.layer in args.sae_layers
     ]
-    names = {s.resolved_name for s in ship}
+    names = {s.resolved_name for s in every}
     sweep = []
     for key in args.sweep_sites:
-        if Site.parse(key).stream not in args.streams:
-            continue
         site = next(s for s in sites if str(s) == key)
         for role in ("transcoder", "sae"):
             for level in sorted(
@@ -298,7 +300,10 @@ def ship_specs(
                 )
             for k in args.sweep_k:
                 sweep.append(DictionarySpec(site, role, "topk", k=k, **common(site)))
-    return ship, ship + [s for s in sweep if s.resolved_name not in names]
+    sweep = [s for s in sweep if s.resolved_name not in names]
+    ship = [s for s in every if s.site.stream in args.streams]
+    mine = ship + [s for s in sweep if s.site.stream in args.streams]
+    return ship, mine, [s for s in sweep if s.site.stream not in args.streams]
 
 
 def kept_dictionaries(args: argparse.Namespace) -> list[TrainedDictionary]:
@@ -338,7 +343,8 @@ def stage_ship(
         if kept
         else {}
     )
-    with atomic_directory(ship_dir) as tmp:
+    # the shipped folder is this script's own output: replaced whole
+    with atomic_directory(ship_dir, owned=None) as tmp:
         for d in kept:
             rel = d.path.relative_to(ship_dir).as_posix()
             shutil.copytree(d.path, tmp / rel)
@@ -358,8 +364,14 @@ def stage_ship(
             metrics["held_out"] = evals[spec.resolved_name]["groups"]
             atomic_write_json(dst / "metrics.json", metrics)
             m = metrics["held_out"]["all"]
+            split = {  # text: "all" includes T5 padding; real tokens and padding apart
+                f"explained_variance_{g}": metrics["held_out"][g]["explained_variance"]
+                for g in ("real", "padding")
+                if g in metrics["held_out"]
+            }
             index.append(
                 {
+                    **split,
                     "path": f"{spec.role}s/{spec.site}",
                     "site": str(spec.site),
                     "role": spec.role,
@@ -398,15 +410,20 @@ def main() -> None:
     if args.fresh and work.exists():
         shutil.rmtree(work)
     if args.retrain:
-        for sub in ("dicts", "eval"):
+        for sub in ("dicts", "dicts-sweep", "eval"):
             shutil.rmtree(work / sub, ignore_errors=True)
     if args.quick:
         args.epochs, args.splice_prompts, args.sweep_l1, args.sweep_k = 1, 4, [1e-2], [8]
         args.sweep_sites = args.sweep_sites[:1]
     train_dir, held_dir = stage_harvest(args, work)
     sites = HarvestReader(train_dir).sites
-    ship, specs = ship_specs(args, sites)
-    logger.info("training %d dictionaries (%d shipped)", len(specs), len(ship))
+    ship, specs, other_sweep = ship_specs(args, sites)
+    logger.info(
+        "training %d dictionaries (%d shipped), and %d of the other streams' sweep",
+        len(specs),
+        len(ship),
+        len(other_sweep),
+    )
     cfg = TrainConfig(
         **{
             **R.train,
@@ -420,6 +437,10 @@ def main() -> None:
     )
     t0 = time.time()
     train_dictionaries(train_dir, specs, work / "dicts", cfg, io=SAELENS_IO, resume=True)
+    if other_sweep:  # a folder of its own: the run of --streams stays the same run
+        train_dictionaries(
+            train_dir, other_sweep, work / "dicts-sweep", cfg, io=SAELENS_IO, resume=True
+        )
     logger.info("training took %.0f s", time.time() - t0)
     from difract_ext.toy.analyzer import accuracy_report
 
@@ -428,6 +449,8 @@ def main() -> None:
     step = max(1, len(held_prompts) // args.splice_prompts)
     kept = kept_dictionaries(args)
     dicts = load_dictionaries(work / "dicts", io=SAELENS_IO) + kept
+    if other_sweep:
+        dicts += load_dictionaries(work / "dicts-sweep", io=SAELENS_IO)
     run_evaluation(
         dicts,
         held_dir,

@@ -189,7 +189,12 @@ def test_graph_layout_and_nodes(full, step) -> None:
     )
     assert len(g.input_tokens) == n_pos
     n_feat = len(g.selected_features)
-    assert g.adjacency_matrix.shape[0] == n_feat + (n_layers + 1) * n_pos + 2
+    assert g.n_nodes == n_feat + (n_layers + 1) * n_pos + 2
+    # rows: every expanded feature, then the targets; columns: every node
+    assert g.rows.shape == (n_feat + 2, g.n_nodes) and g.rows.dtype == torch.float32
+    assert torch.equal(
+        g.row_nodes, torch.cat([torch.arange(n_feat), torch.tensor([-2, -1]) + g.n_nodes])
+    )
     assert full.n_residue == 0 and n_feat == full.components.n_active
     feats = g.active_features
     assert int(feats[:, 0].max()) < meta.n_double  # no features in single-stream blocks
@@ -205,7 +210,7 @@ def test_graph_layout_and_nodes(full, step) -> None:
 
 def test_every_edge_column_matches_a_perturbation(full) -> None:
     measured, predicted = V.source_perturbations(full)
-    n_sources = full.graph.adjacency_matrix.shape[0] - 2
+    n_sources = full.graph.n_nodes - 2
     assert measured.shape == (n_sources, len(full.graph.selected_features) + 2)
     scale = float(predicted.abs().max())
     assert scale > 0.1
@@ -237,15 +242,15 @@ def test_budget_residue_keeps_the_graph_exact(full, budget) -> None:
     feats = g.active_features[g.selected_features]
     residue = feats[:, 2] == RESIDUE_FEATURE
     assert int(residue.sum()) == budget.n_residue and int((~residue).sum()) == 40
-    # residue rows are not expanded; error and input columns agree with the full graph
+    # residue nodes are not expanded: no row; error and input columns agree with the full graph
     n_feat = len(g.selected_features)
-    adj, full_adj = g.adjacency_matrix, full.graph.adjacency_matrix
-    assert float(adj[torch.nonzero(residue, as_tuple=True)[0]].abs().max()) == 0.0
+    assert g.rows.shape[0] == 40 + 1 and int(g.row_nodes[:-1].max()) < 40
+    target, full_target = g.target_row(0), full.graph.target_row(0)
     full_feat = len(full.graph.selected_features)
-    torch.testing.assert_close(adj[-1, n_feat:-1], full_adj[-2, full_feat:-2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(target[n_feat:-1], full_target[full_feat:-2], rtol=0, atol=1e-5)
     # residue + explored features carry exactly what all features carry
     torch.testing.assert_close(
-        adj[-1, :n_feat].sum(), full_adj[-2, :full_feat].sum(), rtol=1e-5, atol=1e-5
+        target[:n_feat].sum(), full_target[:full_feat].sum(), rtol=1e-5, atol=1e-5
     )
     measured, predicted = V.source_perturbations(budget)
     torch.testing.assert_close(
@@ -278,16 +283,22 @@ def test_feature_target(pipe, step, dics) -> None:
     assert float(result.target_values[0]) == pytest.approx(float(pre.sum()), rel=1e-5)
     assert V.conservation(result)["max_rel_error"] <= 1e-5
     # nothing at or after layer 0 can feed a layer-0 feature: only inputs and nothing else
-    row = result.graph.adjacency_matrix[-1]
+    row = result.graph.target_row(0)
     n_feat = len(result.graph.selected_features)
     assert float(row[:n_feat].abs().max()) == 0.0
 
 
 def test_scores_and_unfrozen_validation(full) -> None:
-    replacement, completeness = compute_graph_scores(full.graph)
+    replacement, completeness = full.graph.scores()
     assert 0.0 < replacement <= 1.0 and 0.0 < completeness <= 1.0
-    pruned = prune_graph(full.graph, node_threshold=0.8, edge_threshold=0.98)
-    assert 0 < int(pruned.node_mask.sum()) < full.graph.adjacency_matrix.shape[0]
+    # the rows' scores and pruning are circuit-tracer's on the dense square graph
+    dense = full.circuit_tracer_graph()
+    assert (replacement, completeness) == pytest.approx(compute_graph_scores(dense), rel=1e-6)
+    pruned = full.graph.prune(node_threshold=0.8, edge_threshold=0.98)
+    reference = prune_graph(dense, node_threshold=0.8, edge_threshold=0.98)
+    assert torch.equal(pruned.node_mask, reference.node_mask)
+    assert torch.equal(pruned.edge_mask, reference.edge_mask[full.graph.row_nodes])
+    assert 0 < int(pruned.node_mask.sum()) < full.graph.n_nodes
     report = V.ablation_spearman(full, top=15)
     assert report["n"] == 15
     assert report["spearman"] > 0.5, report  # the linear graph predicts the real model's ranking
@@ -321,7 +332,7 @@ def test_attribution_leaves_trainable_weights_untouched(pipe, step, dics, direct
     try:
         targets = lambda m: [output_target(m.frozen, LEFT, direction, kind="x0", label="t")]
         res = attribute_step(tf, step, dics, targets, batch_size=16, max_feature_nodes=16)
-        assert res.graph.adjacency_matrix.abs().sum() > 0
+        assert res.graph.rows.abs().sum() > 0
         assert all(p.grad is None for p in tf.parameters())
         assert all(p.requires_grad for n, p in tf.named_parameters() if n != "proj_out.weight")
         assert not tf.proj_out.weight.requires_grad
@@ -346,7 +357,7 @@ def test_dictionary_keys_are_read_as_sites(pipe, step, dics, direction, budget) 
             pipe.transformer, step, keyed, targets, batch_size=32, max_feature_nodes=40
         )
         assert list(res.model.dictionaries) == list(dics)
-        assert torch.equal(res.graph.adjacency_matrix, budget.graph.adjacency_matrix)
+        assert torch.equal(res.graph.rows, budget.graph.rows)
     swapped = {(s.stream, s.layer): d for s, d in dics.items()}
     shown = r"\('img', 0\) is a \(stream, layer\) tuple.*Site\(0, 'img'\)"
     with pytest.raises(SiteError, match=shown):
@@ -416,13 +427,13 @@ def _per_node_rows(result, features: list[int]) -> torch.Tensor:
 def test_graph_rows_match_a_per_node_reference(full) -> None:
     """The batched rows (edge kernels, layer-sorted chunks of 16, integer row bookkeeping) equal
     one-row-at-a-time backward passes of the frozen model, edge for edge."""
-    adj = full.graph.adjacency_matrix
+    rows = full.graph.rows
     n_targets = len(full.targets)
     features = list(range(0, full.components.n_active, 53))  # spread over layers and positions
     assert len({int(full.components.decoder_locations[0, i]) for i in features}) == 2
     expected = _per_node_rows(full, features)
     got = torch.cat(
-        [adj[-n_targets:, :-n_targets], adj[features, :-n_targets]]
+        [rows[-n_targets:, :-n_targets], rows[features, :-n_targets]]
     )  # full graph: row i = feature i
     scale = expected.abs().amax(dim=1, keepdim=True)
     # float re-association only (bmm vs elementwise sums, live vs lean forward): measured 4.6e-7
@@ -457,7 +468,7 @@ def _cell_effects(result) -> torch.Tensor:
     and error summed: independent of which features are active) and of each input."""
     g, meta = result.graph, result.meta
     n_cells, n_feat = meta.n_layers * meta.n_pos, len(g.selected_features)
-    row = g.adjacency_matrix[-1].double()
+    row = g.target_row(0).double()
     feats = g.active_features[g.selected_features]
     cells = row[n_feat : n_feat + n_cells].index_add(
         0, feats[:, 0] * meta.n_pos + feats[:, 1], row[:n_feat]

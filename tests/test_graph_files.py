@@ -351,3 +351,44 @@ def test_save_graph_route(server, written):
 def test_serve_refuses_non_loopback(tmp_path):
     with pytest.raises(ValueError, match="127.0.0.1"):
         serve(tmp_path, host="0.0.0.0")
+
+
+def test_padding_positions_are_labelled_and_flagged(tmp_path):
+    """T5 padding (attention mask 0) is labelled <pad> whatever the tokenizer calls its pad token,
+    and flagged in ``metadata.positions``, so the frontend shows it as padding."""
+    from difract_ext.cli.sources import load_pipeline
+    from difract_ext.replacement.inputs import PAD_LABEL, text_token_labels
+
+    pipe = load_pipeline("tiny").pipe
+    labels = text_token_labels(pipe, "a red circle", 8)
+    assert labels == ["a", "red", "circle", "</s>"] + [PAD_LABEL] * 4
+
+    class EosPads:  # a tokenizer that pads with its end-of-sequence token
+        def __call__(self, text, **kw):
+            return {"input_ids": [5, 6, 1, 1, 1], "attention_mask": [1, 1, 1, 0, 0]}
+
+        def convert_ids_to_tokens(self, ids):
+            return [{5: "\u2581blue", 6: "\u2581square", 1: "</s>"}[i] for i in ids]
+
+    class Stub:
+        tokenizer_2 = EosPads()
+
+    assert text_token_labels(Stub(), "blue square", 5) == [
+        "blue",
+        "square",
+        "</s>",
+        "<pad>",
+        "<pad>",
+    ]
+
+    graph, meta = synthetic_graph(seed=2, n_txt=8, dead_positions=())
+    meta.text_tokens = labels
+    path = write_graph_files(graph, meta, tmp_path, "pad")
+    positions = json.loads(path.read_text())["metadata"]["positions"]
+    text = [p for p in positions if p["kind"] == "txt"]
+    assert any(p["padding"] for p in text) and not all(p["padding"] for p in text)
+    for p in text:
+        assert p["padding"] == (p["pos"] >= 4)
+        word = PAD_LABEL if p["pos"] >= 4 else labels[p["pos"]]
+        assert p["label"] == f'txt {p["pos"]} "{word}"'
+    assert all("padding" not in p for p in positions if p["kind"] != "txt")

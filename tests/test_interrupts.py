@@ -33,6 +33,8 @@ def python_sigint() -> Any:
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
 harvest_mod = importlib.import_module(
     "difract_ext.capture.harvest"
 )  # the package exports the function

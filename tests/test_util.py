@@ -243,7 +243,7 @@ def test_config_errors_name_the_file_and_key(data: dict[str, Any], message: str)
 
 def test_config_file_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{nope")
-    with pytest.raises(ConfigError, match=r"bad.json is not valid JSON"):
+    with pytest.raises(ConfigError, match=r"bad.json: not valid JSON \(.* at line 1 column 2\)"):
         read_config(_Cfg, tmp_path / "bad.json")
     with pytest.raises(TypeError, match="needs a dataclass instance"):
         config_to_dict({"a": 1})

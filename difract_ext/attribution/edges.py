@@ -24,7 +24,7 @@ whatever the model's dtype. The feature columns can be narrowed to a subset
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -78,13 +78,18 @@ class FeatureKernel:
 
 class PositionKernel:
     """``grad [B, P, d] -> [P, B, k]``: each position's gradient contracted with ``k`` vectors
-    of that position, ``vecs [P, d, k]`` (one ``bmm``)."""
+    of that position, each ``[P, d]`` (one ``bmm`` each, on views: no copies are kept)."""
 
-    def __init__(self, vecs: torch.Tensor) -> None:
-        self.vecs = vecs
+    def __init__(self, *vecs: torch.Tensor) -> None:
+        self.vecs = [v.unsqueeze(-1) for v in vecs]  # [P, d, 1] views
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.vecs[0].shape[0])
 
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(grads.to(self.vecs.dtype).transpose(0, 1), self.vecs)
+        g = grads.to(self.vecs[0].dtype).transpose(0, 1)  # [P, B, d]
+        return torch.cat([torch.bmm(g, v) for v in self.vecs], dim=-1)
 
 
 @dataclass
@@ -121,10 +126,11 @@ class RowTotals:
 class StepEdges:
     """The rows of one step's attribution graph, computed in batches of backward passes.
 
-    Usage (what circuit-tracer's ``attribute`` does through the adapter): install
-    :meth:`forward_hooks` and :meth:`backward_hooks` on the frozen model, run its forward at
-    ``B`` copies (``FrozenFlux.linear_forward(batch=B)``), then call :meth:`rows` as often as
-    needed (``retain_graph=False`` on the last call frees the graph).
+    Usage: install :meth:`forward_hooks` and :meth:`backward_hooks` on the frozen model, run its
+    forward at ``B`` copies (``FrozenFlux.linear_forward(batch=B)``), call
+    :meth:`release_forward_values`, then ask for rows (:meth:`row_chunks`, or :meth:`rows`, which
+    circuit-tracer's ``compute_batch`` uses) as often as needed; ``retain_graph=False`` on the
+    last call frees the graph.
 
     Args:
         components: the step's transcoder quantities (``N`` active features, ``L`` layers,
@@ -145,17 +151,30 @@ class StepEdges:
             int(c.activation_matrix.shape[1]),
         )
         self.n_features = c.n_active
-        self.row_size = self.n_features + (self.n_layers + 1) * self.n_pos
-        self.dtype = c.encoder_vecs.dtype
-        self.device = c.encoder_vecs.device
+        self.dtype = torch.float32  # rows, totals and the sums built from them
+        self.device = c.error_vectors.device  # the model's (feature vectors may be on the host)
         self.feature_totals = c.reconstruction - c.bias  # [L, P, d]: Σ a W_dec at (l, p)
         self.totals = RowTotals()
         #: MLP inputs ``[B, P, d]`` of layers ``0..L-1`` and the final residual (index ``L``),
         #: cached by :meth:`forward_hooks`
         self.resid: list[torch.Tensor | None] = [None] * (self.n_layers + 1)
+        self._release = False
+        self._kernels: dict[int, tuple[FeatureKernel, torch.Tensor]] = {}
+        self.columns = torch.arange(self.n_features)
+        self.set_columns(None)
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rows: torch.Tensor | None = None  # [row_size, B] of the backward in flight
         self._totals: torch.Tensor | None = None  # [B, L, P] of the backward in flight
+
+    @property
+    def n_columns(self) -> int:
+        """Feature columns of a row (all active features, or those of :meth:`set_columns`)."""
+        return len(self.columns)
+
+    @property
+    def row_size(self) -> int:
+        """``n_columns + (L + 1) * P``: feature columns, error nodes, input nodes."""
+        return self.n_columns + (self.n_layers + 1) * self.n_pos
 
     @property
     def batch(self) -> int:
@@ -166,6 +185,32 @@ class StepEdges:
             )
         return int(self.resid[0].shape[0])
 
+    def set_columns(self, features: torch.Tensor | None) -> None:
+        """Make the feature columns of later rows ``features`` (ascending indices into the
+        components' active features; None: all of them). Takes effect without a new forward:
+        the backward hooks read the kernels at call time.
+        """
+        c = self.components
+        cols = (
+            torch.arange(self.n_features) if features is None else features.reshape(-1).long().cpu()
+        )
+        if len(cols) and not bool((cols[1:] > cols[:-1]).all()):
+            raise ValueError("set_columns needs ascending, distinct feature indices")
+        self.columns = cols
+        layers, positions = c.decoder_locations[0].cpu(), c.decoder_locations[1].cpu()
+        kernels: dict[int, tuple[FeatureKernel, torch.Tensor]] = {}
+        col_layers = layers[cols]
+        for layer in torch.unique(col_layers).tolist():
+            slots = torch.nonzero(col_layers == layer, as_tuple=True)[0]  # rows of the buffer
+            feats = cols[slots]
+            vecs = c.decoder_vecs[feats.to(c.decoder_vecs.device)].to(self.device)
+            kernels[int(layer)] = (
+                FeatureKernel(positions[feats].to(self.device), vecs),
+                slots.to(self.device),
+            )
+        self._kernels = kernels
+        self._buffers = None
+
     # ---- hooks --------------------------------------------------------------------------------
     def forward_hooks(
         self, input_hook: str = "mlp.hook_in", final_hook: str = "unembed.hook_pre"
@@ -175,6 +220,8 @@ class StepEdges:
 
         def cache(acts: torch.Tensor, hook: Any, *, layer: int) -> torch.Tensor:
             proxy.resid[layer] = acts
+            if proxy._release and layer > 0:  # the previous block is done with its MLP input
+                _drop_values(proxy.resid[layer - 1])
             return acts
 
         hooks: list[Hook] = [
@@ -184,59 +231,71 @@ class StepEdges:
         hooks.append((final_hook, partial(cache, layer=self.n_layers)))
         return hooks
 
+    def release_forward_values(self, during_forward: bool = True) -> None:
+        """Free the values of the cached injection points (``(L + 1)`` tensors ``[B, P, d]``).
+
+        Backward passes need them only as graph nodes: the frozen model's linear path saves no
+        activation when the weights do not require gradients (run inside
+        :func:`~difract_ext.replacement.frozen.frozen_parameters`; otherwise backward raises
+        "data is not allocated"). Call after the forward; with ``during_forward`` (before it),
+        each layer's input is freed as soon as the next layer starts, so the forward never holds
+        more than two.
+        """
+        if during_forward and self.resid[0] is None:
+            self._release = True
+            return
+        self._release = False
+        for r in self.resid:
+            _drop_values(r)
+
     def backward_hooks(
         self, output_hook: str = "mlp.hook_out", embed_hook: str = "hook_embed"
     ) -> list[Hook]:
         """Hooks contracting the gradients at every MLP output and at the input embeddings."""
         c, n_pos = self.components, self.n_pos
-        hooks: list[Hook] = []
-        layers, positions = c.decoder_locations
+        hooks: list[Hook] = [
+            (f"blocks.{layer}.{output_hook}", self._feature_hook(int(layer)))
+            for layer in torch.unique(c.decoder_locations[0].cpu()).tolist()
+        ]
         for layer in range(self.n_layers):
-            mask = layers == layer
-            if bool(mask.any()):
-                rows = torch.nonzero(mask, as_tuple=True)[0]
-                kernel = FeatureKernel(positions[mask], c.decoder_vecs[mask])
-                hooks.append((f"blocks.{layer}.{output_hook}", self._feature_hook(kernel, rows)))
-        for layer in range(self.n_layers):
-            # error node and feature total of every position in one [P, B, d] x [P, d, 2] product
-            vecs = torch.stack([c.error_vectors[layer], self.feature_totals[layer]], dim=-1)
-            start = self.n_features + layer * n_pos
+            # error node and feature total of every position: [P, B, d] x [P, d, 1], twice
+            kernel = PositionKernel(c.error_vectors[layer], self.feature_totals[layer])
             hooks.append(
                 (
                     f"blocks.{layer}.{output_hook}",
-                    self._position_hook(PositionKernel(vecs), start, layer),
+                    self._position_hook(kernel, layer * n_pos, layer),
                 )
             )
-        start = self.n_features + self.n_layers * n_pos
         hooks.append(
-            (embed_hook, self._position_hook(PositionKernel(self.token_vectors[..., None]), start))
+            (
+                embed_hook,
+                self._position_hook(PositionKernel(self.token_vectors), self.n_layers * n_pos),
+            )
         )
         return hooks
 
-    def _feature_hook(self, kernel: FeatureKernel, rows: torch.Tensor) -> Callable[..., None]:
-        first, n = int(rows[0]), len(rows)
-        contiguous = bool(torch.equal(rows.cpu(), torch.arange(first, first + n)))
+    def _feature_hook(self, layer: int) -> Callable[..., None]:
         proxy = weakref.proxy(self)
 
         def hook(grads: torch.Tensor, hook: Any) -> None:
-            vals = kernel(grads)
-            if contiguous:
-                proxy._rows[first : first + n] += vals
-            else:
-                proxy._rows.index_add_(0, rows, vals)
+            entry = proxy._kernels.get(layer)
+            if entry is not None:
+                kernel, slots = entry
+                proxy._rows.index_copy_(0, slots, kernel(grads).to(proxy.dtype))
 
         return hook
 
     def _position_hook(
-        self, kernel: PositionKernel, start: int, totals_layer: int | None = None
+        self, kernel: PositionKernel, offset: int, totals_layer: int | None = None
     ) -> Callable[..., None]:
-        """Column 0 of the product fills rows ``start .. start + P``; column 1 (if any) the
-        feature totals of ``totals_layer``."""
-        n_pos = kernel.vecs.shape[0]
+        """Column 0 of the product fills rows ``n_columns + offset ..`` (``P`` of them);
+        column 1 (if any) the feature totals of ``totals_layer``."""
+        n_pos = kernel.n_pos
         proxy = weakref.proxy(self)
 
         def hook(grads: torch.Tensor, hook: Any) -> None:
             out = kernel(grads)  # [P, B, k]
+            start = proxy.n_columns + offset
             proxy._rows[start : start + n_pos] += out[..., 0]
             if totals_layer is not None:
                 proxy._totals[:, totals_layer] += out[..., 1].T
@@ -247,39 +306,65 @@ class StepEdges:
     def rows(
         self, index: torch.Tensor, *, targets: bool, retain_graph: bool = True
     ) -> torch.Tensor:
-        """Rows ``[n, row_size]`` of features ``index`` (or of targets ``index``).
+        """Rows ``[n, row_size]`` of features ``index`` (or of targets ``index``), float32.
 
-        More rows than the forward's batch are sorted by layer and cut into backward passes of
-        that size, so each pass starts at its own rows' deepest layer (a feature's row never
-        needs the layers above it). Each row's totals go to :attr:`totals`.
-
+        Each row's totals also go to :attr:`totals` (see :meth:`row_chunks` for the passes).
         The result may be a view of a buffer reused by the next call: copy it out first.
         """
         index = index.reshape(-1).long()
+        if len(index) <= self.batch:
+            ((_, rows, totals),) = list(
+                self.row_chunks(index, targets=targets, retain_graph=retain_graph)
+            )
+            self._keep_totals(index, totals, targets)
+            return rows
+        out = torch.empty(len(index), self.row_size, dtype=self.dtype, device=self.device)
+        for sel, rows, totals in self.row_chunks(index, targets=targets, retain_graph=retain_graph):
+            out.index_copy_(0, sel.to(self.device), rows)
+            self._keep_totals(index[sel], totals, targets)
+        return out
+
+    def _keep_totals(self, index: torch.Tensor, totals: torch.Tensor, targets: bool) -> None:
+        store = self.totals.targets if targets else self.totals.features
+        for b, i in enumerate(index.tolist()):
+            store[i] = totals[b].clone()
+
+    def row_chunks(
+        self, index: torch.Tensor, *, targets: bool, retain_graph: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Backward passes over the rows of features (or targets) ``index``.
+
+        More rows than the forward's batch are sorted by layer and cut into backward passes of
+        that size, so each pass starts at its own rows' deepest layer (a feature's row never
+        needs the layers above it). ``retain_graph`` applies to the last pass.
+
+        Yields:
+            ``(sel, rows, totals)`` per pass: ``sel`` the positions in ``index`` (CPU), ``rows
+            [n, row_size]`` and ``totals [n, L, P]`` (each row's direct effect of *all* active
+            features per cell), float32 views of buffers the next pass reuses.
+        """
+        index = index.reshape(-1).long().cpu()
         chunk, n = self.batch, len(index)
         if n <= chunk:
-            return self._backward(index, targets, retain_graph)
-        layers = self._row_layers(index, targets)
-        order = torch.argsort(layers, stable=True)
-        out = torch.empty(n, self.row_size, dtype=self.dtype, device=self.device)
+            yield (torch.arange(n), *self._backward(index, targets, retain_graph))
+            return
+        order = torch.argsort(self._row_layers(index, targets), stable=True)
         for start in range(0, n, chunk):
             sel = order[start : start + chunk]
             last = start + chunk >= n
-            out.index_copy_(
-                0,
-                sel.to(self.device),
-                self._backward(index[sel], targets, retain_graph if last else True),
-            )
-        return out
+            yield (sel, *self._backward(index[sel], targets, retain_graph if last else True))
+
+    def row_layers(self, index: torch.Tensor, *, targets: bool) -> torch.Tensor:
+        """``[n]`` the deepest layer each row injects at (``L``: the final residual)."""
+        return self._row_layers(index.reshape(-1).long().cpu(), targets)
 
     def _row_layers(self, index: torch.Tensor, targets: bool) -> torch.Tensor:
-        """``[n]`` the deepest layer each row injects at."""
         if targets:
             return torch.tensor(
                 [max(layer for layer, _, _ in self.targets[i].injections) for i in index.tolist()],
                 dtype=torch.long,
             )
-        return self.components.decoder_locations[0][index].cpu()
+        return self.components.decoder_locations[0].cpu()[index]
 
     def _injections(self, index: torch.Tensor, targets: bool) -> dict[int, list[Injection]]:
         """``{layer: [(batch row, positions, vectors)]}`` of a backward batch."""
@@ -290,20 +375,24 @@ class StepEdges:
                     by_layer.setdefault(layer, []).append((b, pos, vecs))
             return by_layer
         c = self.components
-        layers, positions = c.decoder_locations[0][index], c.decoder_locations[1][index]
-        vecs = c.encoder_vecs[index]
+        dev = c.decoder_locations.device
+        layers = c.decoder_locations[0][index.to(dev)].cpu()
+        positions = c.decoder_locations[1][index.to(dev)].cpu()
+        vecs = c.encoder_vecs[index.to(c.encoder_vecs.device)]
         for b in range(len(index)):
             by_layer.setdefault(int(layers[b]), []).append(
                 (b, positions[b : b + 1], vecs[b : b + 1])
             )
         return by_layer
 
-    def _backward(self, index: torch.Tensor, targets: bool, retain_graph: bool) -> torch.Tensor:
+    def _backward(
+        self, index: torch.Tensor, targets: bool, retain_graph: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n, batch = len(index), self.batch
         injections = self._injections(index, targets)
         # reused across passes (a fresh allocation per pass costs page faults); the rows this
         # returns are a view, copied out by the caller before the next pass
-        if self._buffers is None or self._buffers[0].shape[1] != batch:
+        if self._buffers is None or self._buffers[0].shape != (self.row_size, batch):
             self._buffers = (
                 torch.empty(self.row_size, batch, dtype=self.dtype, device=self.device),
                 torch.empty(batch, self.n_layers, self.n_pos, dtype=self.dtype, device=self.device),
@@ -327,12 +416,15 @@ class StepEdges:
             for h in handles:
                 h.remove()
         rows = self._rows[:, :n].T  # a view of the reused buffer (see above)
-        totals = self._totals[:n].clone()
+        totals = self._totals[:n]
         self._rows = None
-        store = self.totals.targets if targets else self.totals.features
-        for b, i in enumerate(index.tolist()):
-            store[i] = totals[b]
-        return rows
+        return rows, totals
+
+
+def _drop_values(t: torch.Tensor | None) -> None:
+    """Free a tensor's values, keeping it as a node of the autograd graph (shape, dtype)."""
+    if t is not None and t.untyped_storage().nbytes():
+        t.untyped_storage().resize_(0)
 
 
 def _inject(grads: torch.Tensor, *, items: list[Injection]) -> torch.Tensor:

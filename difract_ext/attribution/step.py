@@ -33,6 +33,9 @@ class AttributionStep:
             :func:`~difract_ext.flux.sites.as_site` reads (``Site(3, "img")``, ``"img_3"``,
             ``(3, "img")``); MLPs without one are error-only.
         model_name: recorded in the graph's metadata.
+        host_vectors: keep the active features' encoder and decoder vectors (``2 N d``, the
+            largest tensors at scale) in host memory; the edge kernels copy what they need to
+            the model's device. None: when the model is on a GPU.
 
     Raises:
         SiteError: a key that is not a site (e.g. a ``(stream, layer)`` tuple), or a layer the
@@ -45,6 +48,7 @@ class AttributionStep:
         step: FluxStepInput,
         dictionaries: Mapping[Any, Any],
         model_name: str = "flux",
+        host_vectors: bool | None = None,
     ) -> None:
         self.dictionaries = as_site_dict(dictionaries)
         self.frozen = FrozenFlux(transformer, step)
@@ -61,6 +65,9 @@ class AttributionStep:
             step.n_txt,
             self.frozen.n_double,
         )
+        c = self.components
+        if c.encoder_vecs.is_cuda if host_vectors is None else host_vectors:
+            c.encoder_vecs, c.decoder_vecs = c.encoder_vecs.cpu(), c.decoder_vecs.cpu()
         self.meta = GraphMeta(
             prompt=step.prompt,
             seed=step.seed,

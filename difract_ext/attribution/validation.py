@@ -9,7 +9,9 @@
   change of the target with the graph's predicted total effect (Spearman rank correlation).
 
 Node order follows circuit-tracer's layout: ``[selected features (incl. residue), errors
-(l * P + p), inputs (P), targets (K)]``.
+(l * P + p), inputs (P), targets (K)]``; the graph is a
+:class:`~difract_ext.attribution.row_graph.RowGraph`, whose rows are those of the expanded
+features and the targets (``row_nodes``).
 """
 
 from __future__ import annotations
@@ -65,20 +67,27 @@ def _feature_vectors(result: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def row_functionals(result: Any, mlp_in: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-    """``[B, n_feat + K]`` value (without constants) of every row: feature pre-activations
-    (``⟨mlp_in[l, p], encoder vector⟩``) then targets' functionals."""
+    """``[B, R]`` value (without constants) of every row of the graph (``row_nodes`` order):
+    feature pre-activations (``⟨mlp_in[l, p], encoder vector⟩``) and targets' functionals;
+    0 for the row of a residue node (a graph from another source may have one)."""
     g, c = result.graph, result.components
     lay = _layout(result)
-    rows = torch.zeros(mlp_in.shape[0], lay.n_feat + lay.n_targets, dtype=mlp_in.dtype)
-    feats = g.active_features[g.selected_features]
-    real = g.selected_features < c.n_active
-    idx = torch.nonzero(real, as_tuple=True)[0]
+    nodes = g.row_nodes.cpu()
+    rows = torch.zeros(mlp_in.shape[0], len(nodes), dtype=mlp_in.dtype, device=mlp_in.device)
+    is_feat = nodes < lay.n_feat
+    idx = torch.nonzero(is_feat, as_tuple=True)[0]
+    active = g.selected_features[nodes[idx]]
+    real = active < c.n_active
+    idx, active = idx[real], active[real]
     if idx.numel():
-        enc = c.encoder_vecs[g.selected_features[idx]]
-        h = mlp_in[:, feats[idx, 0], feats[idx, 1]]  # [B, n, d]
+        feats = g.active_features[active]
+        enc = c.encoder_vecs[active.to(c.encoder_vecs.device)].to(mlp_in.device)
+        h = mlp_in[:, feats[:, 0], feats[:, 1]]  # [B, n, d]
         rows[:, idx] = (h * enc).sum(-1)
-    for k, t in enumerate(result.targets):
-        rows[:, lay.n_feat + k] = t.functional(mlp_in, resid)
+    first_target = g.n_nodes - lay.n_targets
+    for r in torch.nonzero(~is_feat, as_tuple=True)[0].tolist():
+        k = int(nodes[r]) - first_target
+        rows[:, r] = result.targets[k].functional(mlp_in, resid)
     return rows
 
 
@@ -94,7 +103,7 @@ def _perturbed_sources(
     loc, dec = _feature_vectors(result)
     for i, j in enumerate(columns.tolist()):
         if j < lay.n_feat:
-            mlp_out[i, loc[j, 0], loc[j, 1]] -= dec[j]
+            mlp_out[i, loc[j, 0], loc[j, 1]] -= dec[j].to(mlp_out.device)
         elif j < lay.n_feat + lay.n_layers * lay.n_pos:
             layer, pos = divmod(j - lay.n_feat, lay.n_pos)
             mlp_out[i, layer, pos] -= c.error_vectors[layer, pos]
@@ -112,25 +121,22 @@ def source_perturbations(
     """Measured vs predicted change of every row when each source column is removed.
 
     Returns:
-        ``(measured, predicted)``, each ``[n_columns, n_feat + K]``; ``predicted = -A[rows, col]``.
+        ``(measured, predicted)``, each ``[n_columns, R]`` (the graph's rows);
+        ``predicted = -A[rows, col]``.
     """
     model = result.model
     lay = _layout(result)
     cols = torch.arange(lay.n_sources) if columns is None else columns
     clean = model.clean
     base = row_functionals(result, clean["mlp_in"][None], clean["resid_final"][None])[0]
-    adj = result.graph.adjacency_matrix
-    row_ids = torch.cat(
-        [torch.arange(lay.n_feat), torch.arange(adj.shape[0] - lay.n_targets, adj.shape[0])]
-    )
     measured = []
     for s in range(0, len(cols), batch):
         chunk = cols[s : s + batch]
         embed, mlp_out = _perturbed_sources(result, chunk, clean)
         out = model.frozen.replay(embed, mlp_out)
         measured.append(row_functionals(result, out["mlp_in"], out["resid_final"]) - base)
-    predicted = -adj[row_ids][:, cols].T
-    return torch.cat(measured), predicted.to(base.dtype)
+    predicted = -result.graph.rows[:, cols.to(result.graph.rows.device)].T.cpu()
+    return torch.cat(measured).cpu(), predicted.to(base.dtype)
 
 
 @torch.no_grad()
@@ -149,18 +155,17 @@ def conservation(result: Any) -> dict[str, float]:
     empty = model.frozen.replay(zero_embed, bias_only)
     full = row_functionals(result, clean["mlp_in"][None], clean["resid_final"][None])[0]
     const = row_functionals(result, empty["mlp_in"], empty["resid_final"])[0]
-    adj = result.graph.adjacency_matrix
-    row_ids = torch.cat(
-        [torch.arange(lay.n_feat), torch.arange(adj.shape[0] - lay.n_targets, adj.shape[0])]
-    )
-    rows = adj[row_ids].to(full.dtype)
-    sums = rows.sum(-1)
+    g = result.graph
+    sums, abs_sums = (t.cpu() for t in g.row_sums(torch.float64))  # the check's own sums
+    full, const = full.double().cpu(), const.double().cpu()
     # the floating-point scale of the comparison: every term that was summed
-    scale = (rows.abs().sum(-1) + full.abs() + const.abs()).clamp(min=1e-12)
+    scale = (abs_sums + full.abs() + const.abs()).clamp(min=1e-12)
     err = (sums - (full - const)).abs()
-    real_rows = torch.ones(len(row_ids), dtype=torch.bool)
-    feats = result.graph.active_features[result.graph.selected_features]
-    real_rows[: lay.n_feat] = feats[:, 2] != RESIDUE_FEATURE  # residue rows are not expanded
+    nodes = g.row_nodes.cpu()
+    real_rows = torch.ones(len(nodes), dtype=torch.bool)
+    is_feat = nodes < lay.n_feat
+    feats = g.active_features[g.selected_features[nodes[is_feat]]]
+    real_rows[is_feat] = feats[:, 2] != RESIDUE_FEATURE  # residue rows are not expanded
     return {
         "max_rel_error": float((err / scale)[real_rows].max()),
         "max_abs_error": float(err[real_rows].max()),
@@ -169,13 +174,12 @@ def conservation(result: Any) -> dict[str, float]:
 
 
 def predicted_total_effects(result: Any, target: int = 0) -> torch.Tensor:
-    """Total effect of every node on target ``target`` through the graph: row of ``(I − A)^-1``."""
-    adj = result.graph.adjacency_matrix.double()
-    m = adj.shape[0]
-    e = torch.zeros(m, dtype=torch.float64)
-    e[m - len(result.graph.logit_targets) + target] = 1.0
-    # x = e (I - A)^-1  <=>  (I - A)^T x^T = e^T
-    return torch.linalg.solve((torch.eye(m, dtype=torch.float64) - adj).T, e).float()
+    """Total effect of every node on target ``target`` through the graph: that target's row of
+    ``(I − A)^-1`` (1 at the target itself)."""
+    g = result.graph
+    effects = g.total_effects(target)
+    effects[g.n_nodes - g.n_targets + target] += 1.0
+    return effects.float().cpu()
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -244,7 +248,7 @@ def ablation_spearman(result: Any, top: int = 30, target: int = 0) -> dict[str, 
 def _ablate(pos: int, vec: torch.Tensor) -> Any:
     def hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
         out = out.clone()
-        out[:, pos] -= vec.to(out.dtype)
+        out[:, pos] -= vec.to(out.device, out.dtype)
         return out
 
     return hook

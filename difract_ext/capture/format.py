@@ -39,20 +39,22 @@ name                        shape, dtype     meaning
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from difract_ext.flux.sites import STREAMS, Site, SiteError
 from difract_ext.util.atomic import atomic_write_json, atomic_write_with
 from difract_ext.util.config import ConfigError, config_from_dict, config_to_dict
+from difract_ext.util.files import BadFileError, check_regular_file, read_json
+from difract_ext.util.finite import nonfinite
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,10 @@ class ShardInfo:
         Raises:
             HarvestFormatError: a malformed entry, naming ``source``.
         """
+        if not isinstance(d, dict):
+            raise HarvestFormatError(
+                f"{source}: a shard entry must be a JSON object, got {d!r:.80}"
+            )
         try:
             return config_from_dict(cls, {"valid_rows": d.get("rows"), **d}, source)
         except ConfigError as e:
@@ -138,9 +144,14 @@ def write_shard(
 
 def read_journal(root: Path, rank: int) -> list[ShardInfo]:
     path = root / journal_name(rank)
-    if not path.is_file():
+    if not os.path.lexists(path):
         return []
-    data = json.loads(path.read_text())
+    try:
+        data = read_json(path, "harvest journal", required=["shards"])
+    except BadFileError as e:
+        raise HarvestFormatError(str(e)) from None
+    if not isinstance(data["shards"], list):
+        raise HarvestFormatError(f"{path}: 'shards' must be a list")
     return [ShardInfo.from_json(s, f"{path}: shards[{i}]") for i, s in enumerate(data["shards"])]
 
 
@@ -176,8 +187,28 @@ def read_all_shards(root: Path) -> list[ShardInfo]:
     return shards
 
 
+def _check_config_fields(config: dict[str, Any], path: Path) -> None:
+    """The fields a reader relies on exist and have their types."""
+    checks = {
+        "sites": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "d_model": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "prompts": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    }
+    for key, ok in checks.items():
+        if key not in config:
+            raise HarvestFormatError(f"{path}: missing key {key!r}; not a complete harvest config")
+        if not ok(config[key]):
+            raise HarvestFormatError(
+                f"{path}: {key!r} has the wrong type ({config[key]!r:.80}); the config is corrupt"
+            )
+
+
 class HarvestReader:
     """Read a harvest folder (committed shards only).
+
+    Shards with NaN/inf activations are refused when read (:class:`HarvestFormatError` naming
+    the shard, the tensor, how many rows and the first row's prompt, seed, step and position):
+    a non-finite row would make every dictionary trained or scored on it NaN.
 
     Example::
 
@@ -193,11 +224,15 @@ class HarvestReader:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         cfg_path = self.root / CONFIG_FILE
-        if not cfg_path.is_file():
+        if not os.path.lexists(cfg_path):
             raise HarvestFormatError(f"{self.root} is not a harvest folder (no {CONFIG_FILE})")
-        self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+        try:
+            self.config: dict[str, Any] = read_json(cfg_path, "harvest config")
+        except BadFileError as e:
+            raise HarvestFormatError(str(e)) from None
         if self.config.get("format") != FORMAT:
             raise HarvestFormatError(f"{cfg_path} is not a {FORMAT} config")
+        _check_config_fields(self.config, cfg_path)
         try:
             self._sites = [Site.parse(k) for k in self.config["sites"]]
         except SiteError as e:
@@ -245,10 +280,22 @@ class HarvestReader:
         """Tensors of shard ``index`` (all of them, or only ``keys``), on CPU."""
         path = self.root / self.shards[index].file
         out: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys()) if keys is None else list(keys)
-            for name in names:
-                out[name] = f.get_tensor(name)
+        try:
+            check_regular_file(path, "harvest shard")
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys()) if keys is None else list(keys)
+                missing = sorted(set(names) - set(f.keys()))
+                if missing:
+                    raise HarvestFormatError(
+                        f"{path}: no tensor(s) {missing}; the shard is incomplete or of another "
+                        "harvest"
+                    )
+                for name in names:
+                    out[name] = f.get_tensor(name)
+        except (SafetensorError, OSError, BadFileError) as e:
+            raise HarvestFormatError(
+                f"{path}: unreadable shard ({e}); harvest again into a new folder"
+            ) from None
         return out
 
     def stream_rows(
@@ -271,11 +318,33 @@ class HarvestReader:
         raw = self.load_shard(index, keys) if self.shards[index].rows.get(stream, 0) else {}
         if not raw:
             return {}
+        self._check_finite(index, stream, raw)
         out = {k[len(stream) + 1 :] if k.startswith(stream + ".") else k: v for k, v in raw.items()}
         if has_valid and valid_only:
             keep = out.pop("valid")
             out = {k: v[keep] for k, v in out.items()}
         return out
+
+    def _check_finite(self, index: int, stream: str, raw: dict[str, torch.Tensor]) -> None:
+        """Refuse a shard with NaN/inf rows: count them and name the first (its prompt, seed,
+        step and position), so that no dictionary is trained or scored on them."""
+        for name, value in raw.items():
+            count, first = nonfinite(value)
+            if not count:
+                continue
+            row = (first or (0,))[0]
+            rows = int((~torch.isfinite(value)).reshape(value.shape[0], -1).any(-1).sum())
+            origin = ", ".join(
+                f"{f} {int(raw[f'{stream}.{f}'][row])}"
+                for f in ROW_FIELDS[1:]
+                if f"{stream}.{f}" in raw
+            )
+            raise HarvestFormatError(
+                f"{self.root / self.shards[index].file}: {name} has {count} NaN/inf value(s) in "
+                f"{rows} row(s); the first is row {row} ({origin}). Non-finite activations "
+                "would train and score NaN dictionaries. The model overflowed (run it in "
+                "bfloat16/float32, not float16) or the shard is corrupt: harvest again"
+            )
 
     def site_rows(
         self, site: Site, valid_only: bool = True

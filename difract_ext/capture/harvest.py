@@ -21,7 +21,6 @@ MLP call, so device memory is the pipeline's own.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from difract_ext.capture.format import (
@@ -44,17 +42,15 @@ from difract_ext.capture.format import (
     SUMMARY_FILE,
     HarvestFormatError,
     ShardInfo,
-    is_partial,
     read_all_shards,
     read_journal,
-    shard_name,
-    write_journal,
-    write_shard,
 )
 from difract_ext.capture.processes import process_state
+from difract_ext.capture.shard_buffer import ShardBuffer
 from difract_ext.flux.sites import STREAMS, Site, as_site
 from difract_ext.util.atomic import atomic_write_json
-from difract_ext.util.config import config_to_dict
+from difract_ext.util.config import check_range, config_to_dict
+from difract_ext.util.files import BadFileError, read_json
 from difract_ext.util.seeds import HARVEST_BASIS, derive_seed
 
 logger = logging.getLogger(__name__)
@@ -166,6 +162,20 @@ class HarvestConfig:
         for key in ("prompt", "generator", "output_type", "num_images_per_prompt"):
             if key in self.call_kwargs:
                 raise ValueError(f"call_kwargs may not set {key!r}: harvest() controls it")
+        for key in ("num_inference_steps", "height", "width", "max_sequence_length"):
+            check_range(
+                f"call_kwargs[{key!r}]",
+                self.call_kwargs.get(key),
+                integer=True,
+                low=1,
+                optional=True,
+            )
+        check_range(
+            "call_kwargs['guidance_scale']",
+            self.call_kwargs.get("guidance_scale"),
+            low=0,
+            optional=True,
+        )
 
     @property
     def streams(self) -> list[str]:
@@ -353,109 +363,6 @@ def _clean_orphans(root: Path, shards: list[ShardInfo]) -> None:
                 path.unlink(missing_ok=True)
 
 
-class _ShardBuffer:
-    """Rows of finished chunks not yet in a full shard, and the commits that save them.
-
-    Every name (``"img.t"``, ``"img_0.x"``, ...) holds one tensor per chunk (or per partial shard
-    read back), in chunk order. ``commit()`` writes them all as one full shard and drops the
-    partial shards it replaces; ``commit(partial=True)`` writes only the chunks not yet saved.
-    """
-
-    def __init__(
-        self,
-        root: Path,
-        rank: int,
-        cfg: HarvestConfig,
-        journal: list[ShardInfo],
-        units: list[tuple[int, int]],
-    ) -> None:
-        self.root, self.rank, self.cfg, self.journal, self.units = root, rank, cfg, journal, units
-        self.parts: dict[str, dict[str, list[torch.Tensor]]] = {s: {} for s in cfg.streams}
-        self.chunks: list[int] = []
-        self.entries = 0  # tensors per name
-        # this rank's partial shards (always the last journal entries) are read back, so that the
-        # next full shard is the one an uninterrupted run writes
-        self.partials = [s for s in journal if is_partial(s)]
-        for info in self.partials:
-            rows = load_file(str(root / info.file))
-            self.add_rows(
-                info.chunks,
-                {s: {k: v for k, v in rows.items() if _stream_of(k) == s} for s in cfg.streams},
-            )
-        self.saved_entries, self.saved_chunks = self.entries, len(self.chunks)
-
-    def add(self, chunk: int, rows: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.add_rows((chunk,), rows)
-
-    def add_rows(self, chunks: Sequence[int], rows: dict[str, dict[str, torch.Tensor]]) -> None:
-        for stream, d in rows.items():
-            for name, value in d.items():
-                self.parts[stream].setdefault(name, []).append(value)
-        self.chunks.extend(chunks)
-        self.entries += 1
-
-    def rows(self) -> int:
-        """Rows of the fullest stream."""
-        return max(
-            (sum(len(v) for v in d.get(f"{s}.t", [])) for s, d in self.parts.items()), default=0
-        )
-
-    def commit(self, partial: bool = False) -> None:
-        first = self.saved_chunks if partial else 0
-        chunks = self.chunks[first:]
-        if not chunks:
-            return
-        lo = self.saved_entries if partial else 0
-        tensors = {
-            name: torch.cat(pieces[lo:]) for d in self.parts.values() for name, pieces in d.items()
-        }
-        info = self._write(shard_name(chunks[0], chunks[-1], partial=partial), chunks, tensors)
-        if partial:
-            write_journal(self.root, self.rank, [*self.journal, info])
-            self.journal.append(info)
-            self.partials.append(info)
-            self.saved_entries, self.saved_chunks = self.entries, len(self.chunks)
-            logger.info(
-                "committed chunks %d..%d as a partial shard (%s)", chunks[0], chunks[-1], info.file
-            )
-            return
-        replaced = {p.file for p in self.partials}
-        journal = [s for s in self.journal if s.file not in replaced] + [info]
-        write_journal(
-            self.root, self.rank, journal
-        )  # the commit point: partial shards -> one full shard
-        self.journal[:] = journal
-        for d in self.parts.values():
-            d.clear()
-        self.chunks, self.entries, self.saved_entries, self.saved_chunks = [], 0, 0, 0
-        for file in sorted(replaced):
-            (self.root / file).unlink(
-                missing_ok=True
-            )  # left over if killed here: removed on resume
-        self.partials = []
-
-    def _write(self, name: str, chunks: list[int], tensors: dict[str, torch.Tensor]) -> ShardInfo:
-        rows, valid_rows, tvals = {}, {}, set()
-        for stream in self.parts:
-            n = int(tensors[f"{stream}.t"].shape[0]) if f"{stream}.t" in tensors else 0
-            rows[stream] = n
-            valid = tensors.get(f"{stream}.valid")
-            valid_rows[stream] = int(valid.sum()) if valid is not None else n
-            if n:
-                tvals.update(float(v) for v in torch.unique(tensors[f"{stream}.t"]))
-        write_shard(
-            self.root, name, tensors, {"format": FORMAT, "chunks": ",".join(map(str, chunks))}
-        )
-        size = self.cfg.batch_size
-        chunk_units = tuple(u for c in chunks for u in self.units[c * size : (c + 1) * size])
-        return ShardInfo(name, tuple(chunks), chunk_units, rows, valid_rows, tuple(sorted(tvals)))
-
-
-def _stream_of(name: str) -> str:
-    """``"img.t"`` / ``"img_3.x"`` -> ``"img"``."""
-    return name.split(".", 1)[0].split("_", 1)[0]
-
-
 @torch.no_grad()
 def harvest(
     pipe: Any,
@@ -505,7 +412,11 @@ def harvest(
             raise HarvestFormatError(
                 f"{root} already holds a harvest; pass resume=True (--resume) to continue it"
             )
-        _check_compatible(json.loads(cfg_path.read_text()), new_cfg, root)
+        try:
+            old_cfg = read_json(cfg_path, "harvest config")
+        except BadFileError as e:
+            raise HarvestFormatError(str(e)) from None
+        _check_compatible(old_cfg, new_cfg, root)
     committed = read_all_shards(root) if existed else []
     if state.is_main_process:
         if not existed:
@@ -535,7 +446,7 @@ def harvest(
         bytes_per_row,
     )
     max_len = int(config.call_kwargs.get("max_sequence_length", 512))
-    buf = _ShardBuffer(root, rank, config, journal, units)
+    buf = ShardBuffer(root, rank, config.streams, config.batch_size, journal, units)
     capture = _StepCapture(pipe.transformer, config, storage)
     bar = tqdm(
         total=len(mine),

@@ -165,6 +165,7 @@ def run_attribution(
     max_feature_nodes: int | None = None,
     batch_size: int | None = None,
     backward_batch: int | None = None,
+    rank_entries: int | None = None,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     validate: bool = True,
@@ -181,8 +182,6 @@ def run_attribution(
     Returns a report (also written as ``{out_dir}/{slug}.report.json``): slug, graph path,
     node counts, replacement/completeness scores, conservation error, unfrozen ablation Spearman.
     """
-    from circuit_tracer.graph import compute_graph_scores
-
     from difract_ext.adapters.attribution import attribute_step
     from difract_ext.attribution import validation
     from difract_ext.graphs.files import write_graph_files
@@ -213,9 +212,10 @@ def run_attribution(
         max_feature_nodes=max_feature_nodes,
         batch_size=batch_size,
         backward_batch=backward_batch,
+        rank_entries=rank_entries,
         scan=scan,
     )
-    replacement, completeness = compute_graph_scores(result.graph)
+    replacement, completeness = result.graph.scores()  # circuit-tracer's, on the rows
     report: dict[str, Any] = {
         "prompt": prompt,
         "seed": seed,
@@ -228,6 +228,15 @@ def run_attribution(
         "n_residue_nodes": result.n_residue,
         "replacement_score": float(replacement),
         "completeness_score": float(completeness),
+        "graph": {
+            "nodes": result.graph.n_nodes,
+            "rows": int(result.graph.rows.shape[0]),
+            "rows_gib": result.graph.rows.numel() * 4 / 2**30,
+            **{
+                k: result.graph.info[k]
+                for k in ("one_pass", "rank_entries", "backward_passes", "exact_passes", "seconds")
+            },
+        },
     }
     if validate:
         report["conservation"] = validation.conservation(result)
@@ -257,6 +266,76 @@ def run_attribution(
         json.dumps({k: report[k] for k in ("replacement_score", "completeness_score")}),
     )
     return report
+
+
+def estimate_attribution_job(
+    pipeline: Any,
+    prompt: str,
+    step: int,
+    n_targets: int,
+    dictionaries: Mapping[Site, Any],
+    *,
+    seed: int = 0,
+    num_inference_steps: int | None = None,
+    max_feature_nodes: int | None = None,
+    batch_size: int | None = None,
+    backward_batch: int | None = None,
+    rank_entries: int | None = None,
+    **call: Any,
+) -> dict[str, Any]:
+    """What :func:`run_attribution` will take, before it runs: peak memory and backward passes
+    (:func:`~difract_ext.attribution.memory.estimate_attribution`).
+
+    Runs the prompt to ``step`` and encodes the transcoders there (one forward: that gives the
+    number of active features ``N`` and the edge kernels' padding), then predicts from sizes.
+    Returns the estimate's summary with the sizes it used.
+    """
+    from difract_ext.attribution.memory import attribution_size, estimate_attribution
+    from difract_ext.attribution.step import AttributionStep
+    from difract_ext.replacement.inputs import capture_step_input
+
+    captured = capture_step_input(
+        pipeline, prompt, step, seed=seed, num_inference_steps=num_inference_steps, **call
+    )
+    tf = pipeline.transformer
+    c = AttributionStep(tf, captured, dictionaries).components
+    layers, positions = c.decoder_locations[0].cpu(), c.decoder_locations[1].cpu()
+    padded = 0
+    for layer in layers.unique().tolist():
+        counts = positions[layers == layer].bincount()
+        counts = counts[counts > 0]
+        padded += len(counts) * int(counts.max())
+    cuda = next(tf.parameters()).is_cuda
+    batch = batch_size or (256 if cuda else 128)  # attribute_step's defaults
+    others = [
+        m
+        for name, m in vars(pipeline).items()
+        if name != "transformer" and hasattr(m, "parameters") and callable(m.parameters)
+    ]
+    size = attribution_size(
+        tf,
+        dictionaries,
+        captured.n_txt,
+        captured.n_img,
+        c.n_active,
+        max_feature_nodes,
+        n_targets=n_targets,
+        batch_size=batch,
+        backward_batch=backward_batch or (batch if cuda else 32),
+        rank_entries=rank_entries,
+        kernel_padding=padded / max(1, c.n_active),
+        resident_other=sum(p.numel() * p.element_size() for m in others for p in m.parameters()),
+    )
+    est = estimate_attribution(size)
+    return {
+        **est.summary(),
+        "positions": size.n_pos,
+        "layers": size.n_layers,
+        "width": size.d_model,
+        "n_active": size.n_active,
+        "features": size.budget,
+        "kernel_padding": round(size.kernel_padding, 3),
+    }
 
 
 def _slug(prompt: str, seed: int, step: int, targets: list[str]) -> str:

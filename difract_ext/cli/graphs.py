@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from difract_ext.cli.argtypes import nonnegative_int, number_in, port, positive_int
+
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from difract_ext.adapters.checkpoints import load_dictionary_dir
@@ -31,6 +33,24 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         dictionaries = load_shapes_dictionaries()
     else:
         raise ValueError("give --transcoders DIR for a model other than the shipped shapes model")
+    if args.estimate:
+        from difract_ext.cli.attribution_job import estimate_attribution_job, parse_target
+
+        estimate = estimate_attribution_job(
+            pipe,
+            args.prompt,
+            args.step,
+            len([parse_target(t) for t in args.target]),
+            dictionaries,
+            seed=args.seed,
+            max_feature_nodes=args.max_feature_nodes,
+            batch_size=args.batch_size,
+            backward_batch=args.backward_batch,
+            rank_entries=args.rank_entries,
+            **call,
+        )
+        print(json.dumps(estimate, indent=2))
+        return 0
     report = run_attribution(
         pipe,
         args.prompt,
@@ -42,6 +62,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         max_feature_nodes=args.max_feature_nodes,
         batch_size=args.batch_size,
         backward_batch=args.backward_batch,
+        rank_entries=args.rank_entries,
         node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold,
         validate=not args.no_validate,
@@ -82,7 +103,10 @@ def add_graph_commands(sub: Any) -> None:
     )
     p.add_argument("--prompt", required=True, help="one prompt (graphs are per prompt and seed)")
     p.add_argument(
-        "--step", type=int, default=1, help="0-based denoising step to explain (default 1)"
+        "--step",
+        type=nonnegative_int,
+        default=1,
+        help="0-based denoising step to explain (default 1)",
     )
     p.add_argument(
         "--target",
@@ -107,34 +131,56 @@ def add_graph_commands(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.add_argument(
-        "--steps", type=int, help="num_inference_steps of the run (default: the model's; shapes: 4)"
+        "--steps",
+        type=positive_int,
+        help="num_inference_steps of the run (default: the model's; shapes: 4)",
     )
-    p.add_argument("--height", type=int, help="image height (default: the model's)")
-    p.add_argument("--width", type=int, help="image width (default: the model's)")
-    p.add_argument("--max-sequence-length", type=int, help="T5 length (default: the model's)")
+    p.add_argument("--height", type=positive_int, help="image height (default: the model's)")
+    p.add_argument("--width", type=positive_int, help="image width (default: the model's)")
+    p.add_argument(
+        "--max-sequence-length", type=positive_int, help="T5 length (default: the model's)"
+    )
     p.add_argument(
         "--max-feature-nodes",
-        type=int,
+        type=positive_int,
         help="expand at most this many features; the rest become residue nodes (default: all)",
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         help=(
             "circuit-tracer's batch: rows per compute_batch call (default: 128 on CPU, 256 on GPU)"
         ),
     )
     p.add_argument(
         "--backward-batch",
-        type=int,
+        type=positive_int,
         help="rows per backward pass; larger batches are sorted by layer into these "
         "(default: 32 on CPU, the batch size on GPU)",
     )
     p.add_argument(
-        "--node-threshold", type=float, default=0.8, help="pruning: cumulative node influence kept"
+        "--rank-entries",
+        type=positive_int,
+        help="feature entries each ranking row keeps (default: all when the rows fit 1 GiB, "
+        "else as many as fit; the chosen rows are then recomputed exactly)",
     )
     p.add_argument(
-        "--edge-threshold", type=float, default=0.98, help="pruning: cumulative edge influence kept"
+        "--estimate",
+        action="store_true",
+        help="print the predicted peak memory and backward passes (JSON) and stop: runs the "
+        "prompt to --step and encodes the transcoders there, but builds no graph",
+    )
+    p.add_argument(
+        "--node-threshold",
+        type=number_in(0, 1, low_open=True),
+        default=0.8,
+        help="pruning: cumulative node influence kept",
+    )
+    p.add_argument(
+        "--edge-threshold",
+        type=number_in(0, 1, low_open=True),
+        default=0.98,
+        help="pruning: cumulative edge influence kept",
     )
     p.add_argument(
         "--no-validate", action="store_true", help="skip conservation and ablation checks"
@@ -149,5 +195,5 @@ def add_graph_commands(sub: Any) -> None:
         ),
     )
     s.add_argument("dir", metavar="DIR", help="folder written by `difract attribute`")
-    s.add_argument("--port", type=int, default=8041, help="port on 127.0.0.1 (default 8041)")
+    s.add_argument("--port", type=port, default=8041, help="port on 127.0.0.1 (default 8041)")
     s.set_defaults(func=_cmd_serve)

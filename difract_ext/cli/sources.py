@@ -23,6 +23,7 @@ import torch
 
 from difract_ext.capture.format import DTYPES
 from difract_ext.flux.sites import STREAMS, Site, SiteError, check_stream
+from difract_ext.util.files import MAX_JSON_BYTES, check_regular_file
 
 _OLD_SITE = re.compile(r"^(?P<layer>[0-9]+):(?P<stream>[a-z]+)$")
 
@@ -98,7 +99,14 @@ def load_prompts(spec: str) -> list[str]:
         raise FileNotFoundError(
             f"prompt file {path} not found (or use shapes:train / shapes:held_out)"
         )
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    check_regular_file(path, "prompt file", max_bytes=MAX_JSON_BYTES)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {e.start}); a prompt file holds one prompt per line"
+        ) from None
+    lines = [ln.strip() for ln in text.splitlines()]
     prompts = [ln for ln in lines if ln and not ln.startswith("#")]
     if not prompts:
         raise ValueError(f"{path} holds no prompts")

@@ -199,7 +199,8 @@ def _reason(msg: str) -> str:
 def validate_difract_state_dict(
     sd: dict[str, torch.Tensor], where: str, decoder_norm_atol: float | None = 1e-4
 ) -> DifFRACTDims:
-    """Check a DifFRACT state dict: exact key set, shapes, float dtype, unit decoder columns.
+    """Check a DifFRACT state dict: exact key set, shapes, float dtype, finite values (no NaN or
+    ±inf anywhere), unit decoder columns.
 
     Args:
         sd: the loaded state dict.

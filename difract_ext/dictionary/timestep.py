@@ -49,9 +49,9 @@ class TimestepEmbeddingSpec:
     def __post_init__(self) -> None:
         if self.dim < 2 or self.dim % 2:
             raise ValueError(f"timestep embedding dim must be even and >= 2, got {self.dim}")
-        if self.max_period <= 1:
+        if not self.max_period > 1 or not math.isfinite(self.max_period):  # NaN fails too
             raise ValueError(f"max_period must be > 1, got {self.max_period}")
-        if self.dim // 2 - self.downscale_freq_shift <= 0:
+        if not self.dim // 2 - self.downscale_freq_shift > 0:
             raise ValueError(
                 f"downscale_freq_shift={self.downscale_freq_shift} leaves no frequencies for "
                 f"dim={self.dim}; use a shift < dim/2"

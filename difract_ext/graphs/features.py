@@ -24,17 +24,22 @@ from difract_ext.util.atomic import atomic_write_json
 if TYPE_CHECKING:
     from circuit_tracer.graph import Graph
 
+    from difract_ext.attribution.row_graph import RowGraph
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["feature_file_payload", "write_step_feature_files"]
 
 
-def feature_file_payload(graph: Graph, meta: GraphMeta, layer: int, feature: int) -> dict[str, Any]:
+def feature_file_payload(
+    graph: RowGraph | Graph, meta: GraphMeta, layer: int, feature: int
+) -> dict[str, Any]:
     """The frontend's feature JSON for ``(layer, feature)`` with this step as its one example.
 
     Args:
-        graph: the (unpruned) circuit-tracer graph; its ``active_features [N, 3]`` and
-            ``activation_values [N]`` hold every active (layer, position, feature).
+        graph: the (unpruned) graph (a ``RowGraph`` or circuit-tracer's); its
+            ``active_features [N, 3]`` and ``activation_values [N]`` hold every active
+            (layer, position, feature).
         meta: positions and run of the graph.
         layer: the feature's layer.
         feature: the feature's index (image ids first, text ids offset by ``meta.d_img``).
@@ -70,7 +75,11 @@ def feature_file_payload(graph: Graph, meta: GraphMeta, layer: int, feature: int
 
 
 def write_step_feature_files(
-    graph: Graph, meta: GraphMeta, nodes: Iterable[dict[str, Any]], out_dir: str | Path, scan: str
+    graph: RowGraph | Graph,
+    meta: GraphMeta,
+    nodes: Iterable[dict[str, Any]],
+    out_dir: str | Path,
+    scan: str,
 ) -> list[Path]:
     """Write ``{out_dir}/features/{scan}/{feature}.json`` for every feature node in ``nodes``.
 

@@ -1,8 +1,12 @@
 """Graph files for circuit-tracer's frontend, for attribution graphs of one FLUX denoising step.
 
 ``write_graph_files`` follows circuit-tracer's ``create_graph_files`` and reuses its pieces
-(``prune_graph``, ``create_nodes``, ``create_used_nodes_and_edges``, the pydantic models of
-``frontend.graph_models``); it replaces only what assumes a language model:
+(``create_nodes``, the pydantic models of ``frontend.graph_models``); graphs are
+:class:`~difract_ext.attribution.row_graph.RowGraph` (circuit-tracer ``Graph`` objects are read
+as their rows), pruned by ``RowGraph.prune`` (circuit-tracer's ``prune_graph`` on the rows, so
+no square matrix is built), and links are read from the kept rows (zero-weight links of
+row-less nodes, which circuit-tracer writes when the edge threshold comes out at 0, are not). It
+replaces what assumes a language model:
 
 - position labels come from :meth:`GraphMeta.position_label` (``'txt 3 "cat"'``, ``'img r2c5'``,
   ``'txt 9 "<pad>"'`` for T5 padding, which FLUX attends to) instead of a Hugging Face tokenizer;
@@ -26,18 +30,20 @@ a patch heatmap. ``graph-metadata.json`` is updated under a lock with an atomic 
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import io
 import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from difract_ext.attribution.graph_meta import RESIDUE_FEATURE, GraphMeta
+from difract_ext.attribution.row_graph import RowGraph, TargetNode
 from difract_ext.flux.sites import Site
 from difract_ext.graphs.features import write_step_feature_files
 from difract_ext.graphs.schema import (
@@ -64,6 +70,7 @@ __all__ = [  # the frontend's vocabulary lives in graphs.schema and is re-export
     "GRAPH_METADATA_FILE",
     "RESIDUE_FEATURE_TYPE",
     "TARGET_COLUMN_LABEL",
+    "as_row_graph",
     "build_graph_json",
     "feature_label",
     "graph_metadata_entry",
@@ -124,24 +131,49 @@ def image_png_bytes(image: Image | np.ndarray, max_side: int | None = 512) -> by
     return buf.getvalue()
 
 
-def _check_layout(graph: Graph, meta: GraphMeta) -> None:
+def as_row_graph(graph: RowGraph | Graph) -> RowGraph:
+    """A :class:`RowGraph` on the CPU: ``graph`` itself (moved), or the rows of a circuit-tracer
+    ``Graph`` (its feature and target rows; the caller's graph is not modified)."""
+    if isinstance(graph, RowGraph):
+        if graph.rows.device.type == "cpu":
+            return graph
+        return RowGraph.from_dict(
+            {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in graph.to_dict().items()}
+        )
+    return RowGraph.from_dense(
+        graph.adjacency_matrix.cpu(),
+        len(graph.selected_features),
+        len(graph.logit_targets),
+        active_features=graph.active_features.cpu(),
+        selected_features=graph.selected_features.cpu(),
+        activation_values=graph.activation_values.cpu(),
+        logit_targets=[TargetNode(str(t[0]), int(t[1])) for t in graph.logit_targets],
+        logit_probabilities=graph.logit_probabilities.cpu(),
+        n_pos=graph.n_pos,
+        n_layers=graph.cfg.n_layers,
+        input_string=graph.input_string,
+        scan=graph.scan if isinstance(graph.scan, str) else None,
+    )
+
+
+def _check_layout(graph: RowGraph, meta: GraphMeta) -> None:
     if graph.n_pos != meta.n_pos:
         raise ValueError(f"graph has {graph.n_pos} positions, GraphMeta describes {meta.n_pos}")
-    if graph.cfg.n_layers != meta.n_layers:
-        raise ValueError(f"graph has {graph.cfg.n_layers} layers, GraphMeta {meta.n_layers}")
+    if graph.n_layers != meta.n_layers:
+        raise ValueError(f"graph has {graph.n_layers} layers, GraphMeta {meta.n_layers}")
     n_targets = len(graph.logit_targets)
     if meta.target_labels and len(meta.target_labels) != n_targets:
         raise ValueError(f"{len(meta.target_labels)} target labels for {n_targets} targets")
 
 
-def _relabel_nodes(graph: Graph, meta: GraphMeta, nodes: dict[int, Node]) -> dict[int, Node]:
+def _relabel_nodes(graph: RowGraph, meta: GraphMeta, nodes: dict[int, Node]) -> dict[int, Node]:
     """Rewrite circuit-tracer's LLM-style nodes into difract ids, types and labels.
 
-    Returns a new dict keyed by adjacency index (``create_used_nodes_and_edges`` builds the
+    Returns a new dict keyed by node index (:func:`_used_nodes_and_edges` builds the
     links from these ids). ``ctx_idx`` still holds the true position here.
     """
     n_features = len(graph.selected_features)
-    error_end = n_features + graph.n_pos * graph.cfg.n_layers
+    error_end = n_features + graph.n_pos * graph.n_layers
     token_end = error_end + graph.n_pos
     out: dict[int, Node] = {}
     for idx, node in nodes.items():
@@ -213,7 +245,8 @@ def build_graph_json(
     """The graph JSON (``{metadata, qParams, nodes, links}``) as a dict; see module docstring.
 
     Args:
-        graph: circuit-tracer graph in the standard layout (any device; not modified).
+        graph: a :class:`RowGraph` or a circuit-tracer ``Graph`` in the standard layout (any
+            device; not modified).
         meta: what the graph is about (positions, layers, run).
         slug: file stem and id of the graph.
         node_threshold: cumulative influence kept by node pruning (also the UI slider's max).
@@ -226,18 +259,26 @@ def build_graph_json(
         A JSON-serialisable dict that circuit-tracer's ``frontend.graph_models.Model`` parses.
     """
     from circuit_tracer.frontend.graph_models import Metadata, Model, QParams
-    from circuit_tracer.graph import prune_graph
-    from circuit_tracer.utils.create_graph_files import create_nodes, create_used_nodes_and_edges
+    from circuit_tracer.utils.create_graph_files import create_nodes
 
     validate_slug(slug)
-    _check_layout(graph, meta)
-    work = copy.copy(graph)  # shallow: moving tensors to the CPU must not touch the caller's
-    work.to("cpu")
-    node_mask, edge_mask, cumulative = (
-        t.cpu() for t in prune_graph(work, node_threshold, edge_threshold)
+    work = as_row_graph(graph)
+    _check_layout(work, meta)
+    pruned = work.prune(node_threshold, edge_threshold)
+    view = SimpleNamespace(  # what create_nodes reads of circuit-tracer's Graph
+        selected_features=work.selected_features,
+        cfg=SimpleNamespace(n_layers=work.n_layers),
+        n_pos=work.n_pos,
+        input_tokens=work.input_tokens,
+        active_features=work.active_features,
+        activation_values=work.activation_values,
+        logit_targets=work.logit_targets,
+        logit_probabilities=work.logit_probabilities,
     )
-    nodes = _relabel_nodes(work, meta, create_nodes(work, node_mask, None, cumulative))
-    used_nodes, used_edges = create_used_nodes_and_edges(work, nodes, edge_mask)
+    nodes = _relabel_nodes(
+        work, meta, create_nodes(view, pruned.node_mask, None, pruned.cumulative_scores)
+    )
+    used_nodes, used_edges = _used_nodes_and_edges(work, nodes, pruned.edge_mask)
 
     connected = {e["source"] for e in used_edges} | {e["target"] for e in used_edges}
     dropped = [
@@ -297,8 +338,31 @@ def build_graph_json(
     return data
 
 
+def _used_nodes_and_edges(
+    graph: RowGraph, nodes: dict[int, Node], edge_mask: torch.Tensor
+) -> tuple[list[Node], list[dict[str, Any]]]:
+    """circuit-tracer's ``create_used_nodes_and_edges`` on the rows: links of kept edges between
+    created nodes (in its order: by target, then source); nodes with a link, every input and
+    every target."""
+    r, srcs = torch.nonzero(edge_mask, as_tuple=True)
+    dsts = graph.row_nodes[r]
+    weights = graph.rows[r, srcs].tolist()
+    used_edges = [
+        {"source": nodes[src].node_id, "target": nodes[dst].node_id, "weight": weight}
+        for src, dst, weight in zip(srcs.tolist(), dsts.tolist(), weights, strict=True)
+        if src in nodes and dst in nodes
+    ]
+    connected = {e["source"] for e in used_edges} | {e["target"] for e in used_edges}
+    used_nodes = [
+        n
+        for n in nodes.values()
+        if n.node_id in connected or n.feature_type in ("embedding", "logit")
+    ]
+    return used_nodes, used_edges
+
+
 def write_graph_files(
-    graph: Graph,
+    graph: RowGraph | Graph,
     meta: GraphMeta,
     out_dir: str | Path,
     slug: str,
@@ -315,7 +379,7 @@ def write_graph_files(
     atomically; serve the folder with :func:`difract_ext.graphs.server.serve`.
 
     Args:
-        graph: circuit-tracer graph (standard layout, see
+        graph: a :class:`RowGraph` (or a circuit-tracer graph in the standard layout, see
             :mod:`difract_ext.attribution.graph_meta`).
         meta: positions, layers and the run the graph belongs to.
         out_dir: the data folder (created if missing).
@@ -339,12 +403,13 @@ def write_graph_files(
     if image is not None:
         image_file = f"{slug}.png"
         atomic_write_bytes(out / image_file, image_png_bytes(image, image_max_side))
-    data = build_graph_json(graph, meta, slug, node_threshold, edge_threshold, scan, image_file)
+    work = as_row_graph(graph)
+    data = build_graph_json(work, meta, slug, node_threshold, edge_threshold, scan, image_file)
     path = out / f"{slug}.json"
     atomic_write_bytes(path, json.dumps(data, separators=(",", ":")).encode())
     upsert_graph_metadata(out, graph_metadata_entry(data["metadata"]))
     if feature_files:
-        write_step_feature_files(graph, meta, data["nodes"], out, data["metadata"]["scan"])
+        write_step_feature_files(work, meta, data["nodes"], out, data["metadata"]["scan"])
     logger.info("graph files written: %s", path)
     return path
 

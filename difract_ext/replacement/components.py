@@ -10,7 +10,8 @@ its error node.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,21 @@ class StepComponents:
     def features(self) -> torch.Tensor:
         """``[N, 3]`` (layer, position, feature id)."""
         return self.activation_matrix.indices().T
+
+
+@contextmanager
+def _on_device(dic: Any, device: torch.device) -> Iterator[None]:
+    """``dic`` on ``device`` inside the block, back where it was after (transcoders may be kept
+    in host memory: FLUX.1's 38 at 49,152 features are 23 GB in bf16)."""
+    home = dic.W_dec.device
+    if home == device:
+        yield
+        return
+    dic.to(device)
+    try:
+        yield
+    finally:
+        dic.to(home)
 
 
 def stream_positions(site: Site, n_txt: int, n_pos: int) -> slice:
@@ -95,20 +111,22 @@ def step_components(
     for site in sorted(dictionaries, key=lambda s: (s.layer, s.stream != "txt")):
         dic = dictionaries[site]
         pos = stream_positions(site, n_txt, n_pos)
-        x = mlp_in[site.layer, pos].to(dic.W_dec.dtype)
-        acts, pre = dic.encode_with_hidden_pre(x, t=float(t))
-        folded = dic.fold(float(t))
-        recon[site.layer, pos] = dic.decode(acts).to(recon.dtype)
-        bias[site.layer, pos] = dic.b_dec.to(bias.dtype)
-        p_local, f_local = torch.nonzero(acts, as_tuple=True)
-        offset = 0 if site.stream == "img" else d_img[site.layer]
-        layer_col = torch.full_like(p_local, site.layer)
-        idx.append(torch.stack([layer_col, p_local + pos.start, f_local + offset]))
-        a = acts[p_local, f_local]
-        vals.append(a)
-        pres.append(pre[p_local, f_local])
-        enc_rows.append(folded.W_enc.T.contiguous().index_select(0, f_local))
-        dec_rows.append(a[:, None] * dic.W_dec.index_select(0, f_local))
+        with _on_device(dic, mlp_in.device):
+            x = mlp_in[site.layer, pos].to(dic.W_dec.dtype)
+            acts, pre = dic.encode_with_hidden_pre(x, t=float(t))
+            folded = dic.fold(float(t))
+            recon[site.layer, pos] = dic.decode(acts).to(recon.dtype)
+            bias[site.layer, pos] = dic.b_dec.to(bias.dtype)
+            p_local, f_local = torch.nonzero(acts, as_tuple=True)
+            offset = 0 if site.stream == "img" else d_img[site.layer]
+            layer_col = torch.full_like(p_local, site.layer)
+            idx.append(torch.stack([layer_col, p_local + pos.start, f_local + offset]))
+            a = acts[p_local, f_local]
+            vals.append(a)
+            pres.append(pre[p_local, f_local])
+            enc_rows.append(folded.W_enc.index_select(1, f_local).T)
+            dec_rows.append(a[:, None] * dic.W_dec.index_select(0, f_local))
+            del folded, acts, pre
     if idx:
         indices = torch.cat(idx, dim=1)
         values = torch.cat(vals)

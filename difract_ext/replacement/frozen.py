@@ -78,6 +78,52 @@ class _Constant(torch.autograd.Function):
         return None, None
 
 
+def _pattern(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[H, S, S]`` attention pattern of one step's taped ``q, k [S, H, D]``."""
+    scale = q.shape[-1] ** -0.5
+    return torch.softmax(torch.einsum("qhd,khd->hqk", q, k) * scale, dim=-1).to(dtype)
+
+
+class _FrozenPattern(torch.autograd.Function):
+    """``pattern @ v`` for a batch of ``v [B, S, H, D]`` sharing one frozen pattern of ``q, k``.
+
+    One ``[S, S] @ [S, B * D]`` product per head, forward and backward; the backward recomputes
+    the pattern from the saved ``q, k`` rather than keeping ``[H, S, S]`` per layer alive for
+    every backward pass (at FLUX.1 1024 px that would be ~1 GB a layer).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n, h, d = v.shape
+        out = torch.bmm(_pattern(q, k, v.dtype), v.permute(2, 1, 0, 3).reshape(h, n, b * d))
+        ctx.save_for_backward(q, k)
+        ctx.v_shape = v.shape
+        return out.view(h, n, b, d).permute(2, 1, 0, 3)  # [B, S, H, D]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        q, k = ctx.saved_tensors
+        b, n, h, d = ctx.v_shape
+        g = grad.permute(2, 1, 0, 3).reshape(h, n, b * d)
+        grad_v = torch.bmm(_pattern(q, k, grad.dtype).transpose(1, 2), g)
+        return None, None, grad_v.view(h, n, b, d).permute(2, 1, 0, 3)
+
+
+def linear_path_unused(transformer: nn.Module) -> list[nn.Module]:
+    """Modules :meth:`FrozenFlux.linear_forward` and :meth:`FrozenFlux.replay` never touch once
+    :meth:`FrozenFlux.record` has run: MLPs, q/k projections, AdaLN and time-embedding linears
+    (their outputs are taped or precomputed constants). About three quarters of FLUX.1's weights.
+    """
+    tf = transformer
+    mods: list[nn.Module] = [tf.time_text_embed, tf.norm_out.linear]
+    for b in tf.transformer_blocks:
+        mods += [b.norm1.linear, b.norm1_context.linear, b.ff, b.ff_context]
+        mods += [b.attn.to_q, b.attn.to_k, b.attn.add_q_proj, b.attn.add_k_proj]
+    for b in tf.single_transformer_blocks:
+        mods += [b.norm.linear, b.attn.to_q, b.attn.to_k, b.proj_mlp]
+    return mods
+
+
 class _MLPHooks(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -196,13 +242,7 @@ class FrozenFlux(HookedRootModule):
         if self._mode == "replay":
             # the pattern is a constant of the step: one [1, H, S, S] softmax, shared by the batch
             q, k = self._taped(None), self._taped(None)
-            scale = q.shape[-1] ** -0.5
-            probs = torch.softmax(torch.einsum("qhd,khd->hqk", q[0], k[0]) * scale, dim=-1).to(
-                v.dtype
-            )
-            b, n, h, d = v.shape  # one [S, S] @ [S, B * D] product per head, forward and backward
-            out = torch.bmm(probs, v.permute(2, 1, 0, 3).reshape(h, n, b * d))
-            out = out.view(h, n, b, d).permute(2, 1, 0, 3)  # [B, S, H, D]
+            out = _FrozenPattern.apply(q[0], k[0], v)  # [B, S, H, D]
         else:
             q = attn.norm_q(attn.to_q(x_img).unflatten(-1, (attn.heads, -1)))
             k = attn.norm_k(attn.to_k(x_img).unflatten(-1, (attn.heads, -1)))
@@ -328,6 +368,25 @@ class FrozenFlux(HookedRootModule):
         normed = self.unembed.hook_pre(normed)
         return self.flux.proj_out(normed[:, self.n_txt :])
 
+    def unused_by_linear_path(self) -> list[nn.Module]:
+        """:func:`linear_path_unused` of this step's transformer."""
+        return linear_path_unused(self.flux)
+
+    @contextmanager
+    def offload_unused(self, device: str | torch.device = "cpu") -> Iterator[None]:
+        """Move :meth:`unused_by_linear_path` to ``device`` inside the block (moved back after),
+        as circuit-tracer's ``offload``: attribution's device then holds only the affine path.
+        """
+        mods = self.unused_by_linear_path()
+        homes = [next(m.parameters()).device for m in mods]
+        try:
+            for m in mods:
+                m.to(device)
+            yield
+        finally:
+            for m, home in zip(mods, homes, strict=True):
+                m.to(home)
+
     # ---- record / replay (the affine model evaluated at other source values) ------------------
     @torch.no_grad()
     def record(self) -> dict[str, torch.Tensor]:
@@ -360,11 +419,12 @@ class FrozenFlux(HookedRootModule):
                 velocity = self.forward(batch=1)
         finally:
             self._mode = "live"
-        self._clean_mlp_out = torch.stack(cache["mlp_out"])[None]
+        mlp_out = torch.stack(cache["mlp_out"])
+        self._clean_mlp_out = mlp_out[None]  # the same storage: read-only constants
         return {
             "embed": cache["embed"],  # type: ignore[dict-item]
             "mlp_in": torch.stack(cache["mlp_in"]),
-            "mlp_out": torch.stack(cache["mlp_out"]),
+            "mlp_out": mlp_out,
             "resid_final": cache["resid_final"],  # type: ignore[dict-item]
             "velocity": velocity[0],
         }

@@ -24,7 +24,6 @@ Checkpoints are written atomically (:mod:`difract_ext.util.atomic`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -48,6 +47,7 @@ from difract_ext.toy.pipeline import (
 )
 from difract_ext.util.atomic import atomic_write_json, atomic_write_with
 from difract_ext.util.config import config_to_dict, write_config
+from difract_ext.util.files import read_json
 from difract_ext.util.schedules import warmup_cosine
 from difract_ext.util.seeds import shapes_step_seed
 
@@ -495,7 +495,7 @@ def train_shapes(run_dir: str | Path, cfg: TrainConfig | None = None) -> FluxPip
     run.mkdir(parents=True, exist_ok=True)
     cfg_path = run / "train_config.json"
     if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
+        old = read_json(cfg_path, "shapes training config")
         if old != config_to_dict(cfg):
             logger.warning("train config differs from the one in %s; using the new one", cfg_path)
     write_config(cfg_path, cfg)
@@ -569,7 +569,7 @@ def export_pipeline(
     write_call_defaults(out, shapes_call_defaults())
     config = ck.get("config")
     if config is None and (run / "train_config.json").is_file():
-        config = json.loads((run / "train_config.json").read_text())
+        config = read_json(run / "train_config.json", "shapes training config")
     record = {"step": ck["step"], "checkpoint": str(checkpoint or "ckpt.pt"), "config": config}
     atomic_write_json(out / "training.json", record)
     logger.info("exported step %d pipeline -> %s", ck["step"], out)

@@ -20,7 +20,6 @@ Group ``"all"`` holds every row of the harvest: for text, padding included when 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from difract_ext.capture.format import HarvestReader
 from difract_ext.training.quality import OVERACTIVE_RATE, quality_problems
 from difract_ext.training.store import TrainedDictionary
 from difract_ext.util.config import config_to_dict
+from difract_ext.util.files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,8 @@ def check_disjoint(
     for root in sorted({d.training.get("data", {}).get("root", "") for d in dictionaries}):
         cfg = Path(root) / "harvest_config.json"
         if root and cfg.is_file():
-            overlap |= eval_prompts & set(json.loads(cfg.read_text())["prompts"])
+            prompts = read_json(cfg, "harvest config", required=["prompts"])["prompts"]
+            overlap |= eval_prompts & {p for p in prompts if isinstance(p, str)}
         else:
             logger.warning(
                 "training data %r not readable: held-out disjointness only checked by digest", root

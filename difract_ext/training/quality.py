@@ -16,8 +16,10 @@ small scale (EV -3 to -10) had 58-93 % above 30 %.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
+from typing import Any
 
 MIN_EXPLAINED_VARIANCE = 0.5
 OVERACTIVE_RATE = 0.3
@@ -27,6 +29,8 @@ ADVICE = (
     "it is not a usable stand-in for the MLP: train with the recipe for this model (--recipe), "
     "longer (--epochs) or on a larger harvest, and check it with `difract eval` on held-out prompts"
 )
+
+logger = logging.getLogger(__name__)
 
 
 def quality_problems(metrics: Mapping[str, float]) -> list[str]:
@@ -58,4 +62,19 @@ __all__ = [
     "MIN_EXPLAINED_VARIANCE",
     "OVERACTIVE_RATE",
     "quality_problems",
+    "warn_failures",
 ]
+
+
+def warn_failures(metrics: Mapping[str, Mapping[str, Any]]) -> None:
+    """Warn for every dictionary whose last-window metrics fail :func:`quality_problems`."""
+    for name, m in metrics.items():
+        problems = quality_problems(m["last_window"])
+        if problems:
+            logger.warning(
+                "%s FAILS the quality checks on its last %d training steps: %s; %s",
+                name,
+                int(m["last_window"]["steps"]),
+                "; ".join(problems),
+                ADVICE,
+            )

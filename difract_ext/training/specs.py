@@ -21,7 +21,7 @@ import torch
 
 from difract_ext.flux.sites import Site, as_site, dictionary_metadata
 from difract_ext.training.dictionary_io import DictionaryIO
-from difract_ext.util.config import config_from_dict, config_to_dict
+from difract_ext.util.config import ConfigError, check_range, config_from_dict, config_to_dict
 
 ROLES = ("transcoder", "sae")
 TRAIN_ACTIVATIONS = ("relu", "topk")
@@ -83,6 +83,14 @@ class DictionarySpec:
             raise ValueError(
                 f"dead_remedy must be one of {DEAD_REMEDIES}, got {self.dead_remedy!r}"
             )
+        check_range("k", self.k, integer=True, low=1, optional=True)
+        check_range("l1_coefficient", self.l1_coefficient, low=0, optional=True)
+        check_range("expansion_factor", self.expansion_factor, low=0, low_open=True)
+        check_range("d_sae", self.d_sae, integer=True, low=1, optional=True)
+        check_range("lr", self.lr, low=0, low_open=True)
+        check_range("d_t_embed", self.d_t_embed, integer=True, low=2)
+        if self.d_t_embed % 2:
+            raise ConfigError(f"d_t_embed must be even (sin and cos halves), got {self.d_t_embed}")
         if self.dead_remedy == "auxk" and self.activation != "topk":
             raise ValueError("dead_remedy='auxk' needs activation='topk'")
 
@@ -94,11 +102,27 @@ class DictionarySpec:
         return "auxk" if self.activation == "topk" else "resample"
 
     def width(self, d_model: int) -> int:
-        return (
+        """``d_sae`` for activations of width ``d_model``.
+
+        Raises:
+            ConfigError: a width below 1 or below ``k``.
+        """
+        width = (
             int(self.d_sae)
             if self.d_sae is not None
             else int(round(self.expansion_factor * d_model))
         )
+        if width < 1:
+            raise ConfigError(
+                f"{self.resolved_name}: expansion_factor {self.expansion_factor:g} x d_model "
+                f"{d_model} gives {width} features; raise it or pass d_sae"
+            )
+        if self.k is not None and self.k > width:
+            raise ConfigError(
+                f"{self.resolved_name}: k={self.k} active features of only {width}; "
+                "k must be <= the width (d_sae)"
+            )
+        return width
 
     @property
     def variant(self) -> str:
@@ -157,7 +181,7 @@ class TrainConfig:
         checkpoint_every_seconds: ... and at least this often.
         stop_after_steps: stop (with a checkpoint) once this many global steps are done,
             for time-limited jobs; resume later.
-        log_every: steps between log lines / history entries.
+        log_every: steps between log lines / history entries (0: none).
         include_padding: train on the T5 padding rows of a harvest that tags them
             (``text_padding="tag"``), as DifFRACT does: FLUX attends to every T5 position. False
             trains on real tokens only.
@@ -185,11 +209,29 @@ class TrainConfig:
     include_padding: bool = True
 
     def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers, got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            check_range(f"betas[{i}]", beta, low=0, high=1, high_open=True)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
-        if self.batch_size < 1 or self.epochs < 1 or self.mix_shards < 1:
-            raise ValueError("batch_size, epochs and mix_shards must be >= 1")
-        if not 0.0 <= self.resample_min_rate < 1.0:
-            raise ValueError(f"resample_min_rate must be in [0, 1), got {self.resample_min_rate}")
+        for name in ("batch_size", "epochs", "mix_shards", "dead_window"):
+            check_range(name, getattr(self, name), integer=True, low=1)
+        for name in (
+            "log_every",  # 0: no log lines
+            "lr_warmup_steps",
+            "l1_warmup_steps",
+            "resample_every",
+            "checkpoint_every_steps",
+        ):
+            check_range(name, getattr(self, name), integer=True, low=0)
+        check_range("seed", self.seed, integer=True)
+        check_range("auxk_k", self.auxk_k, integer=True, low=1, optional=True)
+        check_range("stop_after_steps", self.stop_after_steps, integer=True, low=1, optional=True)
+        for name in ("lr_end_fraction", "resample_until"):
+            check_range(name, getattr(self, name), low=0, high=1)
+        check_range("resample_min_rate", self.resample_min_rate, low=0, high=1, high_open=True)
+        for name in ("weight_decay", "auxk_coefficient", "checkpoint_every_seconds"):
+            check_range(name, getattr(self, name), low=0)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able fields (``betas`` as a list)."""

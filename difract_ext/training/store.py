@@ -6,13 +6,13 @@ Reading a folder's module is the job of a :class:`~difract_ext.training.dictiona
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from difract_ext.training.dictionary_io import DictionaryIO
 from difract_ext.training.specs import DictionarySpec
+from difract_ext.util.files import read_json
 
 
 @dataclass
@@ -32,7 +32,13 @@ def find_dictionaries(root: str | Path) -> list[Path]:
     """
     root = Path(root)
     found = [p.parent for p in root.rglob("training.json") if (p.parent / "cfg.json").is_file()]
-    return sorted(p for p in found if "checkpoint" not in p.relative_to(root).parts)
+    return sorted(p for p in found if not _transient(p.relative_to(root).parts))
+
+
+def _transient(parts: tuple[str, ...]) -> bool:
+    """Inside a checkpoint or a hidden folder (an atomic write's temporary, e.g. one left by a
+    kill during the final save): never a result."""
+    return "checkpoint" in parts or any(part.startswith(".") for part in parts)
 
 
 def load_dictionary(
@@ -40,8 +46,9 @@ def load_dictionary(
 ) -> TrainedDictionary:
     """Load one folder (its module through ``io``) plus its ``training.json``."""
     path = Path(path)
-    training = json.loads((path / "training.json").read_text())
-    spec = DictionarySpec.from_json(training["spec"])
+    source = path / "training.json"
+    training = read_json(source, "training record (training.json)", required=["spec"])
+    spec = DictionarySpec.from_json(training["spec"], f"{source}: spec")
     module = io.load(path, device)
     module.eval()
     return TrainedDictionary(name or spec.resolved_name, path, spec, module, training)

@@ -46,9 +46,10 @@ from difract_ext.capture.processes import make_accelerator
 from difract_ext.training.data import GroupData, group_rows, plan_groups, steps_per_stream
 from difract_ext.training.dictionary_io import DictionaryIO
 from difract_ext.training.objective import Objective, resample_dead
-from difract_ext.training.quality import ADVICE, OVERACTIVE_RATE, quality_problems
+from difract_ext.training.quality import OVERACTIVE_RATE, warn_failures
 from difract_ext.training.specs import DictionarySpec, TrainConfig, build_dictionary
 from difract_ext.util.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
+from difract_ext.util.files import read_json
 from difract_ext.util.interrupt import DeferredInterrupt
 from difract_ext.util.schedules import warmup_cosine
 from difract_ext.util.seeds import derive_seed, text_seed
@@ -446,22 +447,9 @@ def train_dictionaries(
             ckpt_path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 ckpt_path.parent.rmdir()
-        _warn_failures(result.metrics)
+        warn_failures(result.metrics)
     acc.wait_for_everyone()
     return result
-
-
-def _warn_failures(metrics: dict[str, dict[str, Any]]) -> None:
-    for name, m in metrics.items():
-        problems = quality_problems(m["last_window"])
-        if problems:
-            logger.warning(
-                "%s FAILS the quality checks on its last %d training steps: %s; %s",
-                name,
-                int(m["last_window"]["steps"]),
-                "; ".join(problems),
-                ADVICE,
-            )
 
 
 def _finished_run(
@@ -476,7 +464,9 @@ def _finished_run(
             f"{out} already holds a finished training run ({INDEX_FILE}); use another folder, or "
             "pass resume=True (--resume) to load it instead of training again"
         )
-    index = json.loads(index_path.read_text())
+    index = read_json(
+        index_path, "training index", required=["fingerprint", "global_step", "dictionaries"]
+    )
     if index.get("fingerprint") != fingerprint:
         raise ValueError(
             f"{out} holds a finished training run of different specs, config or data; "
@@ -488,7 +478,7 @@ def _finished_run(
     for entry in index["dictionaries"]:
         path = out / entry["name"]
         result.dictionaries[entry["name"]] = path
-        result.metrics[entry["name"]] = json.loads((path / "metrics.json").read_text())
+        result.metrics[entry["name"]] = read_json(path / "metrics.json", "metrics file")
         result.modules[entry["name"]] = load_dictionary(path, device=str(device), io=io).module
     logger.info(
         "%s: finished already; loaded its %d dictionaries without training",
@@ -595,7 +585,10 @@ def _save(
         "last_window": st.last_window(cfg.batch_size),
         "history": st.history,
     }
-    with atomic_directory(path) as tmp:
+    # a folder with training.json is one this trainer wrote (a run killed during its final save):
+    # replace it; any other existing folder holds someone's files and is refused, not deleted
+    owned = None if (path / "training.json").is_file() else ()
+    with atomic_directory(path, owned=owned) as tmp:
         io.save(st.module, tmp)
         atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_json(

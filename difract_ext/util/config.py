@@ -25,6 +25,7 @@ from difract_ext.util.files import BadFileError, read_json
 
 __all__ = [
     "ConfigError",
+    "check_range",
     "check_value",
     "config_from_dict",
     "config_to_dict",
@@ -103,11 +104,13 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
     if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
         if value is None and type(None) in args:
             return None
-        for arm in (a for a in args if a is not type(None)):
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms:
             try:
                 return _decode(arm, value, where)
             except ConfigError:
-                pass
+                if len(arms) == 1 and isinstance(value, (list, tuple, Mapping)):
+                    raise  # list[X] | None: the arm's message names the bad item
         raise ConfigError(
             f"{where}: must be {' or '.join(_type_name(a) for a in args)}, got {value!r}"
         )
@@ -205,8 +208,6 @@ def _from_mapping(cls: type[T], data: Any, source: str) -> T:
     kwargs = {k: _decode(hints[k], v, f"{source}: {k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: invalid {cls.__name__}: {e}") from e
 
@@ -219,6 +220,46 @@ def check_value(tp: Any, value: Any, where: str) -> Any:
         ConfigError: naming ``where``.
     """
     return _decode(tp, value, where)
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> None:
+    """Refuse a value outside its range, naming it: ``check_range("k", k, integer=True, low=1)``.
+
+    Integers exclude bools; numbers exclude bools, NaN and ±inf. ``low``/``high`` are inclusive
+    unless ``low_open``/``high_open``. ``optional`` lets None pass.
+
+    Raises:
+        ConfigError: e.g. ``"dead_window must be an integer >= 1, got 0"``.
+    """
+    if value is None and optional:
+        return
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    rule = ("an integer" if integer else "a finite number") + (
+        f" {lo}{' and ' if lo and hi else ''}{hi}" if lo or hi else ""
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        ok = False
+    elif integer and not isinstance(value, int):
+        ok = False
+    elif not math.isfinite(value):
+        ok = False
+    else:
+        ok = (low is None or (value > low if low_open else value >= low)) and (
+            high is None or (value < high if high_open else value <= high)
+        )
+    if not ok:
+        raise ConfigError(f"{name} must be {rule}, got {value!r}")
 
 
 def config_from_dict(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:

@@ -127,8 +127,11 @@ class FluxReplacementModel(AttributionStep):
         dictionaries: Mapping[Any, Any],
         scan: str | None = None,
         model_name: str = "flux",
+        host_vectors: bool | None = None,
     ) -> None:
-        super().__init__(transformer, step, dictionaries, model_name=model_name)
+        super().__init__(
+            transformer, step, dictionaries, model_name=model_name, host_vectors=host_vectors
+        )
         self.scan = scan
         self.backward_batch: int | None = (
             None  # rows per backward pass (None: circuit-tracer's batch)
@@ -199,6 +202,7 @@ def attribute_step(
     rank_entries: int | None = None,
     rank_bytes: int = RANK_BYTES,
     offload: bool | None = None,
+    host_vectors: bool | None = None,
     method: str = "rows",
     scan: str | None = None,
     model_name: str = "flux",
@@ -224,6 +228,8 @@ def attribute_step(
             (:func:`~difract_ext.attribution.ranking.plan_ranking`); ``method="rows"`` only.
         offload: move the modules the affine path does not use (MLPs, q/k and AdaLN linears)
             to the CPU while the graph is built (``FrozenFlux.offload_unused``); None: on GPUs.
+        host_vectors: keep the active features' encoder and decoder vectors in host memory
+            (``AttributionStep``); None: on GPUs.
         method: ``"rows"`` (the core's driver, memory linear in positions × layers) or
             ``"circuit-tracer"`` (its ``attribute()`` and a dense square matrix: small graphs).
 
@@ -242,7 +248,9 @@ def attribute_step(
         raise ValueError(
             f"batch_size ({batch_size}) and backward_batch ({backward_batch}) must be >= 1"
         )
-    model = FluxReplacementModel(transformer, step, dictionaries, scan=scan, model_name=model_name)
+    model = FluxReplacementModel(
+        transformer, step, dictionaries, scan=scan, model_name=model_name, host_vectors=host_vectors
+    )
     model.backward_batch = backward_batch
     specs = model.set_targets(targets)
     if offload is None:

@@ -14,7 +14,8 @@ Cases (each in its own process, so peak memory is its own; the peak is reset wit
   at 512 px (1,024 patches + 256 tokens = 1,280 positions) and 1024 px (4,096 + 512 = 4,608),
   transcoders on all 38 double-block MLPs, a 1,000-feature graph;
 - ``wide512-fp32`` / ``wide512-bf16``: FLUX.1 width (3072, 24 heads), 49,152-wide transcoders,
-  2 double + 1 single block at 512 px, a 1,000-feature graph;
+  1 double + 1 single block at 512 px, a 200-feature graph (each row's backward costs ~3 TFLOP
+  of value/output projections at this width: 2 CPU cores manage ~7 rows a minute);
 - the shapes model at 256 px / 512 tokens, 300 features, is run through ``difract attribute``
   (``--cases shapes256``).
 
@@ -50,16 +51,16 @@ NARROW = {"heads": 2, "head_dim": 32, "joint": 64, "pooled": 64, "axes": (8, 12,
 CASES: dict[str, dict[str, Any]] = {
     "deep512": {"arch": NARROW, "double": 19, "single": 38, "px": 512, "txt": 256, "d_sae": 4096},
     "deep1024": {"arch": NARROW, "double": 19, "single": 38, "px": 1024, "txt": 512, "d_sae": 4096},
-    "wide512-fp32": {"arch": FLUX1, "double": 2, "single": 1, "px": 512, "txt": 256},
-    "wide512-bf16": {
+    "wide512-fp32": {
         "arch": FLUX1,
-        "double": 2,
+        "double": 1,
         "single": 1,
         "px": 512,
         "txt": 256,
-        "dtype": "bfloat16",
+        "features": 200,
     },
 }
+CASES["wide512-bf16"] = {**CASES["wide512-fp32"], "dtype": "bfloat16"}
 GIB = 2**30
 
 
@@ -137,6 +138,7 @@ def random_transcoders(
     n_txt = step.n_txt
     out = {}
     torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     for layer in range(len(tf.transformer_blocks)):
         for stream in ("img", "txt"):
             with torch.device(dev):
@@ -149,12 +151,22 @@ def random_transcoders(
             x = mlp_in[layer, :n_txt] if stream == "txt" else mlp_in[layer, n_txt:]
             tc.b_enc.zero_()
             pre = tc.encode_with_hidden_pre(x.to(dtype), t=step.t)[1].float()
-            n_on = max(1, round(len(x) * active / d_sae))  # positions each feature fires at
-            thresholds = (
-                pre.kthvalue(len(x) - n_on, dim=0).values
-                if n_on < len(x)
-                else pre.min(0).values - 1
-            )
+            # fire count per feature: active * P / d_sae on average (whole numbers, spread at
+            # random), so that `active` features fire per position on average
+            share = len(x) * active / d_sae
+            n_on = torch.full((d_sae,), int(share), dtype=torch.long)
+            extra = torch.randperm(d_sae, generator=gen)[: round((share - int(share)) * d_sae)]
+            n_on[extra] += 1
+            n_on = n_on.clamp(max=len(x))
+            thresholds = torch.empty(d_sae, device=pre.device)
+            for f in range(0, d_sae, 4096):
+                # halfway between the n_on-th and (n_on + 1)-th largest value of each feature
+                # (halfway: rounding a bf16 bias must not let the next position fire too)
+                top = pre[:, f : f + 4096].sort(dim=0, descending=True).values
+                span = top[0] - top[-1] + 1
+                top = torch.cat([top[:1] + span, top, top[-1:] - span])
+                k = n_on[f : f + 4096].to(pre.device)[None]
+                thresholds[f : f + 4096] = (top.gather(0, k) + top.gather(0, k + 1)).squeeze(0) / 2
             tc.b_enc.copy_(-thresholds.to(dtype))
             out[Site(layer, stream)] = tc.to(home)
             del pre
@@ -173,11 +185,26 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def run_case(name: str, case: dict[str, Any], active: int, budget: int, out_dir: Path) -> dict:
-    """One case in this process: setup, then attribution with its peak memory and time."""
+def run_case(
+    name: str,
+    case: dict[str, Any],
+    active: int,
+    budget: int,
+    out_dir: Path,
+    files: bool = True,
+    rank_entries: int | None = None,
+) -> dict:
+    """One case in this process: setup, then attribution (with scores, pruning, conservation
+    and graph files) with its peak memory and time, beside the memory model's predictions:
+    from sizes alone (``N`` as planned) and as ``difract attribute --estimate`` makes it (``N``
+    and the kernels' padding measured on the step)."""
     from difract_ext.adapters.attribution import attribute_step
     from difract_ext.attribution import validation
-    from difract_ext.attribution.memory import attribution_size, estimate_attribution
+    from difract_ext.attribution.memory import (
+        attribution_size,
+        estimate_attribution,
+        kernel_padding,
+    )
     from difract_ext.flux.directions import region_patches
     from difract_ext.graphs.files import write_graph_files
     from difract_ext.replacement.targets import output_target
@@ -194,8 +221,9 @@ def run_case(name: str, case: dict[str, Any], active: int, budget: int, out_dir:
         return [output_target(m.frozen, left, u, kind="x0", label="x0·u @ left")]
 
     n_planned = active * step.n_txt * case["double"] + active * step.n_img * case["double"]
+    opts: dict[str, Any] = {"rank_entries": rank_entries}
     est = estimate_attribution(
-        attribution_size(tf, dics, step.n_txt, step.n_img, n_planned, budget)
+        attribution_size(tf, dics, step.n_txt, step.n_img, n_planned, budget, **opts)
     )
     import gc
 
@@ -203,20 +231,28 @@ def run_case(name: str, case: dict[str, Any], active: int, budget: int, out_dir:
     base = _rss()
     _reset_peak()
     t0 = time.perf_counter()
-    res = attribute_step(tf, step, dics, targets, max_feature_nodes=budget)
+    res = attribute_step(
+        tf, step, dics, targets, max_feature_nodes=budget, rank_entries=rank_entries
+    )
     t_attr = time.perf_counter() - t0
     scores = res.graph.scores()
     cons = validation.conservation(res)
-    path = write_graph_files(res.graph, res.meta, out_dir, name, feature_files=False)
+    graph: dict[str, list[Any]] = {"nodes": [], "links": []}
+    if files:
+        path = write_graph_files(res.graph, res.meta, out_dir, name, feature_files=False)
+        graph = json.loads(path.read_text())
+    else:
+        res.graph.prune()
     t_all = time.perf_counter() - t0
     peak = _hwm()
-    graph = json.loads(path.read_text())
     info = res.graph.info
     # the same prediction with the measured number of active features
     n_active = res.components.n_active
+    opts["kernel_padding"] = kernel_padding(res.components.decoder_locations)
     est_n = estimate_attribution(
-        attribution_size(tf, dics, step.n_txt, step.n_img, n_active, budget)
+        attribution_size(tf, dics, step.n_txt, step.n_img, n_active, budget, **opts)
     )
+    resident = sum(est_n.terms[k] for k in ("runtime", "weights", "dictionaries"))
     return {
         "case": name,
         "positions": step.n_txt + step.n_img,
@@ -239,7 +275,9 @@ def run_case(name: str, case: dict[str, Any], active: int, budget: int, out_dir:
         "peak_gib": peak / GIB,
         "predicted_peak_gib": est.peak_bytes / GIB,
         "predicted_peak_measured_n_gib": est_n.peak_bytes / GIB,
-        "predicted_phase": est.peak_phase,
+        "increment_gib": (peak - base) / GIB,
+        "predicted_increment_gib": (est_n.peak_bytes - resident) / GIB,
+        "predicted_phase": est_n.peak_phase,
         "replacement": scores[0],
         "completeness": scores[1],
         "conservation_max_rel": cons["max_rel_error"],
@@ -311,19 +349,21 @@ def flux1_predictions() -> list[dict]:
     tf = flux_transformer(19, 38, FLUX1, torch.bfloat16, "meta", seed=0)
     n_dic = 2 * 19 * (2 * 49152 * 3072 + 49152 + 3072)  # W_enc, W_dec, biases (FiLM not counted)
     rows = []
-    for px, n_txt in ((512, 256), (1024, 512)):
+    for px, n_txt, backward in ((512, 256, 64), (1024, 512, 32)):
         n_img = (px // 16) ** 2
         for active in (16, 32, 64):
             for budget in (1000, 7500):
                 n = active * (n_txt + n_img) * 19
                 size = attribution_size(
                     tf, {}, n_txt, n_img, n, budget, device="cuda", batch_size=256,
-                    backward_batch=64, dictionary_params=n_dic, dictionary_bytes=2,
+                    backward_batch=backward, dictionary_params=n_dic, dictionary_bytes=2,
+                    d_sae=49152,
                 )  # fmt: skip
                 est = estimate_attribution(size)
                 rows.append(
                     {
                         "px": px,
+                        "backward_batch": backward,
                         "positions": n_txt + n_img,
                         "active": active,
                         "n_active": n,
@@ -431,14 +471,27 @@ def main() -> None:
     p.add_argument("--gpu-features", type=int, nargs="+", default=[1000, 7500])
     p.add_argument("--predict", action="store_true", help="only the FLUX.1 predictions")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--case-json", help="a case as JSON (keys of CASES' entries), for --worker")
+    p.add_argument("--rank-entries", type=int, help="force truncated ranking rows")
+    p.add_argument("--no-files", action="store_true", help="prune, but write no graph files")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.gpu:
         run_gpu(args.gpu_features, args.active)
         return
     if args.worker:
+        case = json.loads(args.case_json) if args.case_json else CASES[args.worker]
+        case["arch"] = {"narrow": NARROW, "flux1": FLUX1}.get(str(case["arch"]), case["arch"])
         with tempfile.TemporaryDirectory() as tmp:
-            row = run_case(args.worker, CASES[args.worker], args.active, args.features, Path(tmp))
+            row = run_case(
+                args.worker,
+                case,
+                args.active,
+                args.features,
+                Path(tmp),
+                files=not args.no_files,
+                rank_entries=args.rank_entries,
+            )
         print(json.dumps(row))
         return
     print(f"torch {torch.__version__}, {args.threads} threads, {args.active} active per position")
@@ -450,7 +503,8 @@ def main() -> None:
                     row = run_shapes256(300, args.threads, Path(tmp))
             else:
                 cmd = [sys.executable, __file__, "--worker", name, "--active", str(args.active)]
-                cmd += ["--features", str(args.features), "--threads", str(args.threads)]
+                features = CASES[name].get("features", args.features)
+                cmd += ["--features", str(features), "--threads", str(args.threads)]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
                     print(f"{name}: failed\n{done.stderr[-3000:]}", flush=True)
@@ -459,10 +513,11 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         print(_table(rows))
-    print("FLUX.1-schnell predictions (one GPU, bf16, backward batch 64, offload, host vectors):")
+    print("FLUX.1-schnell predictions (one GPU, bf16, offload and host vectors by default):")
     for r in flux1_predictions():
         print(
-            f"  {r['px']:>4} px P={r['positions']:>5} active/pos {r['active']:>2} "
+            f"  {r['px']:>4} px P={r['positions']:>5} B={r['backward_batch']} "
+            f"active/pos {r['active']:>2} "
             f"N={r['n_active']:>9,} features {r['features']:>5}: device {r['device_gib']:6.1f} GiB "
             f"(peak in {r['phase']}), host {r['host_gib']:5.1f} GiB, graph rows "
             f"{r['rows_gib']:5.2f} GiB, {r['backward_passes']} backward passes"

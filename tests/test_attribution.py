@@ -8,8 +8,9 @@ import logging
 import pytest
 import torch
 from circuit_tracer.graph import compute_graph_scores, prune_graph
+from random_dictionaries import SITES, random_transcoders
 
-from difract_ext import Site, TimestepTranscoder, TimestepTranscoderConfig
+from difract_ext import Site
 from difract_ext.adapters.attribution import attribute_step
 from difract_ext.attribution import validation as V
 from difract_ext.attribution.edges import RowTotals
@@ -37,21 +38,8 @@ def step(pipe):
 
 @pytest.fixture(scope="module")
 def dics(pipe):
-    torch.manual_seed(1)
-    width = pipe.transformer.inner_dim
-    out = {}
-    for layer in range(2):
-        for stream in ("img", "txt"):
-            if (layer, stream) == (1, "txt"):
-                continue  # an error-only stream
-            tc = TimestepTranscoder(
-                TimestepTranscoderConfig(d_in=width, d_sae=24, d_out=width, d_t_embed=16)
-            )
-            with torch.no_grad():
-                tc.mod_linear.weight.normal_(0, 0.2)
-                tc.b_enc.normal_(-0.2, 0.3)
-            out[Site(layer, stream)] = tc
-    return out
+    sites = [s for s in SITES if s != Site(1, "txt")]  # txt_1: an error-only stream
+    return random_transcoders(pipe.transformer.inner_dim, sites)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from random_dictionaries import random_transcoders
 
-from difract_ext import Site, TimestepTranscoder, TimestepTranscoderConfig, save_difract_checkpoint
+from difract_ext import Site, TimestepTranscoder, save_difract_checkpoint
 from difract_ext.adapters.checkpoints import load_dictionary_dir
 from difract_ext.cli.attribution_job import parse_target, run_attribution
 from difract_ext.dictionary import CheckpointError
@@ -25,24 +26,12 @@ def pipe():
 
 
 def make_dics(width: int) -> dict[Site, TimestepTranscoder]:
-    torch.manual_seed(2)
-    out = {}
-    for layer in range(2):
-        for stream in ("img", "txt"):
-            site = Site(layer, stream)
-            tc = TimestepTranscoder(
-                TimestepTranscoderConfig(
-                    d_in=width,
-                    d_sae=24,
-                    d_out=width,
-                    d_t_embed=16,
-                    metadata=dictionary_metadata(site, "transcoder", model_name="tiny"),
-                )
-            )
-            with torch.no_grad():
-                tc.b_enc.normal_(-0.2, 0.3)
-            out[site] = tc
-    return out
+    return random_transcoders(
+        width,
+        mod_std=None,
+        seed=2,
+        metadata=lambda site: dictionary_metadata(site, "transcoder", model_name="tiny"),
+    )
 
 
 def test_parse_targets() -> None:

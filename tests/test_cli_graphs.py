@@ -20,7 +20,7 @@ def difract(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_attribute_on_the_shapes_model(tmp_path: Path) -> None:
-    res = difract(
+    args = [
         "attribute",
         "--prompt",
         "a blue square at the top",
@@ -34,7 +34,12 @@ def test_attribute_on_the_shapes_model(tmp_path: Path) -> None:
         "300",
         "--out",
         str(tmp_path),
-    )
+    ]
+    est = difract(*args, "--estimate")
+    assert est.returncode == 0, est.stderr[-3000:]
+    estimate = json.loads(est.stdout)
+    assert not list(tmp_path.glob("*.json"))  # an estimate builds no graph
+    res = difract(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"difract serve {tmp_path}" in res.stdout
     assert "without scan" not in res.stderr  # the job names its transcoder set (Graph.scan)
@@ -42,6 +47,12 @@ def test_attribute_on_the_shapes_model(tmp_path: Path) -> None:
     report = json.loads(report_file.read_text())
     assert report["timestep"] == 0.5 and report["n_feature_nodes"] == 300
     assert report["conservation"]["max_rel_error"] <= 1e-5
+    # the estimate saw the same step: same features, same graph form, the same backward passes
+    # (2 targets in 1 pass; 300 features in ranking batches of 128, 128, 44: 4 + 4 + 2 of 32)
+    assert estimate["n_active"] == report["n_active_features"] and estimate["features"] == 300
+    assert estimate["backward_passes"] == report["graph"]["backward_passes"] == 1 + 10
+    assert estimate["one_pass"] == report["graph"]["one_pass"]
+    assert 0.4 < estimate["peak_gib"] < 4
     graph = json.loads(Path(report["graph_file"]).read_text())
     labels = {n.get("clerp", "") for n in graph["nodes"]}
     assert any(lbl.startswith('Output "x0:blue@top"') for lbl in labels)

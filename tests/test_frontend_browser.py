@@ -17,7 +17,7 @@ import pytest
 
 from difract_ext.graphs.files import RESIDUE_FEATURE_TYPE, write_graph_files
 from difract_ext.graphs.server import serve
-from difract_ext.graphs.synthetic import synthetic_graph, synthetic_image
+from difract_ext.graphs.synthetic import synthetic_graph, synthetic_image, synthetic_row_graph
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_graph_page_renders_in_chromium(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scale", ["small", "256px"])
+def test_graph_page_renders_in_chromium(tmp_path: Path, scale: str) -> None:
+    """``small``: a dense circuit-tracer graph of 13 positions; ``256px``: a row graph at the
+    shapes model's 256 px / 512 tokens (4,608 positions, ~51 k nodes, 300 expanded features)."""
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="Python package `playwright` missing: browser test skipped"
     )
     data_dir = tmp_path / "graphs"
-    graph, meta = synthetic_graph(seed=0)
-    slug = "synthetic-step2"
-    path = write_graph_files(graph, meta, data_dir, slug, image=synthetic_image(meta.grid))
+    if scale == "small":
+        graph, meta = synthetic_graph(seed=0)
+        image = synthetic_image(meta.grid)
+    else:
+        graph, meta = synthetic_row_graph(seed=0)
+        image = synthetic_image(meta.grid, patch_px=4)
+    slug = f"synthetic-{scale}"
+    path = write_graph_files(graph, meta, data_dir, slug, image=image)
     data = json.loads(path.read_text())
     threshold = data["metadata"]["node_threshold"]
     # the nodes the UI keeps at its default pruning threshold (util-cg.js formatData)

@@ -12,8 +12,8 @@ from circuit_tracer.graph import (
     prune_graph,
 )
 from circuit_tracer.utils.create_graph_files import create_nodes, create_used_nodes_and_edges
+from random_dictionaries import random_transcoders
 
-from difract_ext import Site, TimestepTranscoder, TimestepTranscoderConfig
 from difract_ext.adapters.attribution import (
     FluxReplacementModel,
     attribute_step,
@@ -37,18 +37,7 @@ LEFT = [(r, c) for r in range(8) for c in range(4)]
 def setup():
     pipe = build_tiny_flux_pipeline(seed=0)
     step = capture_step_input(pipe, "a red circle on the left", step=1, seed=0, **KW)
-    torch.manual_seed(1)
-    width = pipe.transformer.inner_dim
-    dics = {}
-    for layer in range(2):
-        for stream in ("img", "txt"):
-            tc = TimestepTranscoder(
-                TimestepTranscoderConfig(d_in=width, d_sae=24, d_out=width, d_t_embed=16)
-            )
-            with torch.no_grad():
-                tc.mod_linear.weight.normal_(0, 0.2)
-                tc.b_enc.normal_(-0.2, 0.3)
-            dics[Site(layer, stream)] = tc
+    dics = random_transcoders(pipe.transformer.inner_dim)
     u = torch.randn(16, generator=torch.Generator().manual_seed(3))
 
     def targets(m):
@@ -240,3 +229,51 @@ def test_row_graph_round_trip_and_dense_guard(graphs) -> None:
     assert torch.equal(again.rows, g.rows) and torch.equal(again.row_nodes, g.row_nodes)
     with pytest.raises(ValueError, match="row nodes"):
         RowGraph(**{**g.to_dict(), "rows": g.rows[:, :-1]})
+
+
+def test_feature_kernel_groups_positions_by_count() -> None:
+    """Positions with very different feature counts (ReLU transcoders) are padded per group of
+    similar counts, not to the layer's largest count, and the products stay exact."""
+    from difract_ext.attribution.edges import FeatureKernel
+    from difract_ext.attribution.memory import kernel_padding
+
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(1, 60, (40,), generator=gen)
+    counts[3] = 200  # one crowded position
+    positions = torch.repeat_interleave(torch.arange(40) * 2, counts)  # every other position
+    positions = positions[torch.randperm(len(positions), generator=gen)]
+    vecs = torch.randn(len(positions), 8, generator=gen)
+    kernel = FeatureKernel(positions, vecs)
+    grads = torch.randn(5, 80, 8, generator=gen)
+    expected = torch.einsum("bnd,nd->nb", grads[:, positions], vecs)
+    torch.testing.assert_close(kernel(grads), expected, rtol=1e-5, atol=1e-5)
+    n = len(positions)
+    assert n <= kernel.padded_entries <= 1.125 * n < 200 * 40  # one block would pad to 200 each
+    locations = torch.stack([torch.zeros_like(positions), positions])
+    assert kernel_padding(locations) == kernel.padded_entries / n
+
+
+def test_gpu_memory_paths_give_the_same_graph(setup, graphs) -> None:
+    """What a GPU build does to save device memory, exercised on the CPU: feature vectors kept
+    on the host side (``host_vectors``) and the modules the affine path does not use moved away
+    (to the ``meta`` device here, where any use of them would fail), same rows."""
+    import copy
+
+    from difract_ext.attribution.build import build_graph
+
+    pipe, step, dics, targets = setup
+    tf = copy.deepcopy(pipe.transformer)
+    model = FluxReplacementModel(tf, step, dics, host_vectors=True)
+    model.set_targets(targets)
+    unused = model.frozen.unused_by_linear_path()
+    with model.frozen.offload_unused("cpu"):  # moved (here: to where they are) and back
+        assert all(p.device.type == "cpu" for m in unused for p in m.parameters())
+    for m in unused:  # gone for good: the copy is thrown away
+        m.to("meta")
+    with torch.enable_grad(), frozen_parameters(tf):
+        graph = build_graph(model, max_feature_nodes=40, batch_size=32, backward_batch=16)
+    assert sum(p.numel() for m in unused for p in m.parameters()) > 0.6 * sum(
+        p.numel() for p in tf.parameters()
+    )
+    assert torch.equal(graph.selected_features, graphs["rows"].graph.selected_features)
+    torch.testing.assert_close(graph.rows, graphs["rows"].graph.rows, rtol=0, atol=0)

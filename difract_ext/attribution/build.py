@@ -41,9 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: Rows assembled at a time from whole ranking rows (bounds the temporaries).
 _ASSEMBLY_ROWS = 256
-#: Activation tensors ``[B, P, d]`` of at least this many bytes make a CPU build ask glibc to
-#: serve allocations above :data:`MMAP_THRESHOLD` from fresh pages (:func:`return_freed_memory`).
-LARGE_ACTIVATION_BYTES = 8 << 20
+#: Allocations of at least this many bytes get fresh pages in CPU builds
+#: (:func:`return_freed_memory`).
 MMAP_THRESHOLD = 1 << 20
 
 
@@ -128,9 +127,7 @@ def build_graph(
     stats = BuildStats(n_active=n_active, rank_entries=plan.entries, one_pass=plan.one_pass)
 
     frozen = step.frozen
-    d_bytes = c.error_vectors.shape[-1] * c.error_vectors.element_size()
-    big = min(batch_size, backward_batch) * n_pos * d_bytes >= LARGE_ACTIVATION_BYTES
-    if edges.device.type == "cpu" and big:
+    if edges.device.type == "cpu":
         return_freed_memory()
     release = not any(p.requires_grad for p in frozen.flux.parameters())
     with frozen.hooks(fwd_hooks=edges.forward_hooks(), bwd_hooks=edges.backward_hooks()):

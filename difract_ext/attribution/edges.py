@@ -40,40 +40,90 @@ Hook = tuple[str, Callable[..., Any]]
 Injection = tuple[int, torch.Tensor, torch.Tensor]
 
 
+def group_by_count(counts: torch.Tensor, max_padding: float = 0.125) -> list[list[int]]:
+    """Slots (positions) grouped for :class:`FeatureKernel`: by count, largest first; a group
+    closes when padding its slots to its first (largest) count would add more than
+    ``max_padding`` of its real entries."""
+    groups: list[list[int]] = []
+    real = 0
+    for slot in torch.argsort(counts, descending=True, stable=True).tolist():
+        c = int(counts[slot])
+        if groups and int(counts[groups[-1][0]]) * (len(groups[-1]) + 1) <= (1 + max_padding) * (
+            real + c
+        ):
+            groups[-1].append(slot)
+            real += c
+        else:
+            groups.append([slot])
+            real = c
+    return groups
+
+
 class FeatureKernel:
     """``grad [B, P, d] -> [n, B]``: ``grad[b, pos_f] · vecs[f]`` for one layer's ``n`` features.
 
-    The features are laid out per position in zero-padded blocks ``[U, n_max, d]`` (``U``
-    distinct positions); one ``bmm`` with the gradients ``[U, d, B]`` gives ``[U, n_max, B]``,
-    from which the real entries are read back in feature order.
+    The features are laid out per position in zero-padded blocks ``[U, c, d]`` (``U``
+    positions, ``c`` the largest count among them); one ``bmm`` with the gradients ``[U, d, B]``
+    gives ``[U, c, B]``, from which the real entries are read back in feature order. Positions
+    are grouped by their number of features (largest first; a group closes when padding would
+    exceed ``max_padding`` of its entries), so a layer whose counts vary (ReLU transcoders) does
+    not pad every position to the layer's largest count.
 
     Args:
         positions: ``[n]`` position of each feature.
         vecs: ``[n, d]`` decoder vectors (scaled by the activations).
+        max_padding: padded entries a group may add, as a share of its real ones.
     """
 
-    def __init__(self, positions: torch.Tensor, vecs: torch.Tensor) -> None:
+    def __init__(
+        self, positions: torch.Tensor, vecs: torch.Tensor, max_padding: float = 0.125
+    ) -> None:
+        dev = vecs.device
         uniq, slot_of = torch.unique(positions, return_inverse=True)
-        counts = torch.bincount(slot_of, minlength=len(uniq))
+        counts = torch.bincount(slot_of, minlength=len(uniq)).cpu()
         order = torch.argsort(slot_of, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
+        starts = torch.cumsum(counts.to(dev), 0) - counts.to(dev)
         rank = torch.empty_like(slot_of)
-        rank[order] = torch.arange(len(slot_of), device=slot_of.device) - starts[slot_of[order]]
-        n_max = int(counts.max())
-        padded = torch.zeros(len(uniq), n_max, vecs.shape[1], dtype=vecs.dtype, device=vecs.device)
-        padded[slot_of, rank] = vecs
-        self.padded = padded
-        self.uniq = uniq
-        self.flat = (
-            slot_of * n_max + rank
-        )  # [n] entry of each feature in the [U * n_max, B] product
-        self.every_position = bool(torch.equal(uniq.cpu(), torch.arange(len(uniq))))
+        rank[order] = torch.arange(len(slot_of), device=dev) - starts[slot_of[order]]
+        groups = group_by_count(counts, max_padding)
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions [U], [U, c, d])
+        group_of = torch.empty(len(uniq), dtype=torch.long)
+        local_of = torch.empty(len(uniq), dtype=torch.long)
+        offsets, offset = [], 0
+        for g, slots in enumerate(groups):
+            idx = torch.tensor(slots)
+            group_of[idx], local_of[idx] = g, torch.arange(len(slots))
+            width = int(counts[slots[0]])
+            self.blocks.append(
+                (
+                    uniq[idx.to(dev)],
+                    torch.zeros(len(slots), width, vecs.shape[1], dtype=vecs.dtype, device=dev),
+                )
+            )
+            offsets.append(offset)
+            offset += len(slots) * width
+        g_of, l_of = group_of.to(dev)[slot_of], local_of.to(dev)[slot_of]
+        widths = torch.tensor([b.shape[1] for _, b in self.blocks], device=dev)
+        for g, (_, block) in enumerate(self.blocks):
+            mine = g_of == g
+            block[l_of[mine], rank[mine]] = vecs[mine]
+        # [n] entry of each feature in the concatenated [Σ U_g c_g, B] products
+        self.flat = torch.tensor(offsets, device=dev)[g_of] + l_of * widths[g_of] + rank
+        self.dtype = vecs.dtype
+
+    @property
+    def padded_entries(self) -> int:
+        """Vectors held, padding included."""
+        return sum(b.shape[0] * b.shape[1] for _, b in self.blocks)
 
     def __call__(self, grads: torch.Tensor) -> torch.Tensor:
-        g = grads.to(self.padded.dtype)
-        g = g[:, : len(self.uniq)] if self.every_position else g[:, self.uniq]
-        prod = torch.bmm(self.padded, g.permute(1, 2, 0))  # [U, n_max, B]
-        return prod.view(-1, grads.shape[0]).index_select(0, self.flat)  # [n, B]
+        g = grads.to(self.dtype)
+        prods = [
+            torch.bmm(block, g[:, pos].permute(1, 2, 0)).view(-1, grads.shape[0])
+            for pos, block in self.blocks
+        ]  # [U_g * c_g, B] each
+        prod = prods[0] if len(prods) == 1 else torch.cat(prods)
+        return prod.index_select(0, self.flat)  # [n, B]
 
 
 class PositionKernel:

@@ -1,8 +1,9 @@
 """What an attribution graph of one FLUX denoising step is about, beside circuit-tracer's ``Graph``.
 
-circuit-tracer's ``Graph`` holds the adjacency in its standard layout (rows = targets, columns =
-sources; order: selected features, error nodes ``layer-major (l * P + p)``, input nodes (P),
-targets (K)). ``GraphMeta`` adds what a diffusion graph needs to be read:
+A graph (:class:`~difract_ext.attribution.row_graph.RowGraph`, or circuit-tracer's ``Graph``)
+follows circuit-tracer's node order (rows = targets, columns = sources; selected features, error
+nodes ``layer-major (l * P + p)``, input nodes (P), targets (K)). ``GraphMeta`` adds what a
+diffusion graph needs to be read:
 
 - **positions**: one joint order, text first: positions ``0 .. n_txt - 1`` are text tokens,
   ``n_txt .. P - 1`` image patches in row-major order over ``grid = (rows, cols)``;

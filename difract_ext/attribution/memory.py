@@ -5,6 +5,8 @@ and the graph's pruning allocate, from sizes alone (:class:`AttributionSize`), p
 
 - **resident**: the runtime, the transformer's weights, the transcoders (what a process holds
   before attribution starts);
+- **components**: the transcoders encode the step, one at a time (the full model is on the
+  device, and the feature vectors until they move to the host);
 - **step**: the clean cache and taped attention inputs (``4L + 2`` tensors ``[P, d]``), the
   transcoder components (reconstruction, error, bias) and the feature totals (``4L``);
 - **features**: encoder and decoder vectors of the ``N`` active features (``2 N d``; in host
@@ -17,8 +19,10 @@ and the graph's pruning allocate, from sizes alone (:class:`AttributionSize`), p
   narrowed row buffer and a backward;
 - **prune**: the rows, their edge mask and the sorted edge scores of the kept nodes.
 
-The peak is resident + step + features + the largest phase. On a GPU the device and the host are
-counted apart (``device_bytes``, ``host_bytes``); on the CPU both are the process's RSS.
+The peak is the largest phase (each counts what is alive then: the step and the features in all;
+the affine path's weights only while a GPU build offloads the rest). On a GPU the device and the
+host are counted apart (``device_bytes``, ``host_bytes``; ``peak_bytes`` their sum); on the CPU
+all three are the process's RSS.
 Constants were fitted on measured CPU runs (``benchmarks/flux_scale.py`` prints predictions
 beside measurements; ``tests/test_memory_model.py`` checks small cases within 20 %).
 """
@@ -30,16 +34,19 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from difract_ext.attribution.edges import group_by_count
 from difract_ext.attribution.ranking import RANK_BYTES, plan_ranking
 from difract_ext.replacement.frozen import linear_path_unused
 
-#: A CPU process with torch, diffusers and circuit-tracer imported (measured RSS).
-RUNTIME_BYTES = 430 * 2**20
+#: A CPU process with torch, diffusers, circuit-tracer and difract_ext's attribution and graph
+#: modules imported (measured RSS, torch 2.13).
+RUNTIME_BYTES = 512 * 2**20
 #: Activation-gradient tensors ``[B, P, d]`` alive at once in a backward pass (fitted).
 BACKWARD_TENSORS = 8.0
-#: Share of the graph's entries with a non-zero edge score after node pruning (a bound seen
-#: in practice; the sort of those scores is pruning's largest temporary).
-PRUNE_EDGE_SHARE = 0.25
+#: Share of the graph's entries with a non-zero edge score after node pruning: the sort of
+#: those scores is pruning's largest temporary. Measured 0.2 % (FLUX.1's block types, 500
+#: features, default thresholds); this bound is 25 times that.
+PRUNE_EDGE_SHARE = 0.05
 #: Bytes per sorted edge score: the scores, the sorted copy, int64 indices, the cumulative sum.
 _SORT_BYTES = 20
 _CHUNK = 2 * (1 << 27)  # row chunks of influence products (normalised chunk + its |A|)
@@ -52,7 +59,9 @@ class AttributionSize:
     ``n_active`` is the number of active transcoder features ``N`` (positions with a transcoder
     times its mean L0, summed over sites); ``budget`` is ``max_feature_nodes``; ``*_params``
     count parameters (``linear_params``: those the affine path keeps on the device when
-    offloading, see ``FrozenFlux.unused_by_linear_path``).
+    offloading, see ``FrozenFlux.unused_by_linear_path``). ``kernel_padding``: the edge kernels'
+    padded decoder blocks over ``N d`` (at most 1.125: positions are grouped by count; use
+    :func:`kernel_padding` when the components are at hand).
     """
 
     n_double: int
@@ -76,7 +85,8 @@ class AttributionSize:
     host_vectors: bool | None = None
     rank_entries: int | None = None
     rank_bytes: int = RANK_BYTES
-    kernel_padding: float = 1.25
+    kernel_padding: float = 1.125
+    d_sae: int = 0
     resident_other: int = 0
 
     @property
@@ -144,7 +154,6 @@ def estimate_attribution(size: AttributionSize) -> MemoryEstimate:
     m = budget + n_res + n_tail + s.n_targets
 
     weights = s.transformer_params * e
-    on_device_weights = (s.linear_params * e) if offload else weights
     t: dict[str, int] = {
         "runtime": RUNTIME_BYTES + s.resident_other,
         "weights": weights,
@@ -163,35 +172,53 @@ def estimate_attribution(size: AttributionSize) -> MemoryEstimate:
         "edge_mask": rows_k * m,
         "edge_sort": int(PRUNE_EDGE_SHARE * rows_k * m * _SORT_BYTES),
         "influence_chunks": min(_CHUNK, 2 * rows_k * m * 4),
+        # one transcoder encoding its stream's positions (moved to the GPU if kept elsewhere)
+        "encoding": 3 * max(s.n_img, s.n_txt) * s.d_sae * s.dictionary_bytes
+        + (2 * s.d_sae * d * s.dictionary_bytes if cuda else 0),
     }
-    fixed_device = t["step"] + t["feature_kernels"] + t["feature_index"]
-    fixed_host = t["runtime"] + t["dictionaries"]
-    vectors = t["feature_vectors"]
-    if cuda:
-        fixed_device += on_device_weights
-        fixed_host += weights - on_device_weights
-        fixed_host += vectors if host_vectors else 0
-        fixed_device += 0 if host_vectors else vectors
-    else:
-        fixed_device += weights + vectors
+    # what every phase holds on the model's device: the step's tensors, the sparse bookkeeping,
+    # the feature vectors unless they live on the host; the weights: all of them except while
+    # the graph is built with the unused modules offloaded
+    common = t["step"] + t["feature_index"] + (0 if host_vectors else t["feature_vectors"])
+    build_weights = (s.linear_params * e) if (cuda and offload) else weights
+    kernels = t["feature_kernels"]
     phases = {
-        "selection": t["ranking_rows"] + t["row_buffer"] + t["row_copies"] + t["backward"],
-        "exact": t["ranking_rows"]
+        "components": weights + common + t["encoding"],
+        "selection": build_weights
+        + common
+        + kernels
+        + t["ranking_rows"]
+        + t["row_buffer"]
+        + t["row_copies"]
+        + t["backward"],
+        "exact": build_weights
+        + common
+        + kernels
+        + t["ranking_rows"]
         + t["graph_rows"]
         + (t["exact_buffer"] + t["backward"] if not plan.one_pass else t["assembly"]),
-        "prune": t["graph_rows"] + t["edge_mask"] + t["edge_sort"] + t["influence_chunks"],
+        "prune": weights
+        + common
+        + t["graph_rows"]
+        + t["edge_mask"]
+        + t["edge_sort"]
+        + t["influence_chunks"],
     }
     peak_phase = max(phases, key=lambda k: phases[k])
-    device = fixed_device + phases[peak_phase]
-    host = fixed_host
+    host = t["runtime"] + t["dictionaries"]
+    if cuda:
+        device = phases[peak_phase]
+        host += (weights - build_weights) + (t["feature_vectors"] if host_vectors else 0)
+    else:
+        device = host = host + phases[peak_phase]
     passes = backward_passes(s.n_targets, budget, s.batch_size, s.backward_batch, s.update_interval)
     if not plan.one_pass:
         passes += math.ceil(budget / b) + math.ceil(s.n_targets / b)
     t.update({f"phase_{k}": v for k, v in phases.items()})
     return MemoryEstimate(
-        peak_bytes=device + host,
-        device_bytes=device if cuda else device + host,
-        host_bytes=host if cuda else device + host,
+        peak_bytes=device + host if cuda else device,
+        device_bytes=device,
+        host_bytes=host,
         backward_passes=passes,
         one_pass=plan.one_pass,
         rank_entries=plan.entries,
@@ -211,13 +238,20 @@ def attribution_size(
 ) -> AttributionSize:
     """:class:`AttributionSize` of a transformer (a real one, or one built on the ``meta``
     device), its transcoders and a step's positions; ``options`` are the other fields
-    (``n_targets``, ``batch_size``, ``backward_batch``, ``device``, ``resident_other``...).
+    (``n_targets``, ``batch_size``, ``backward_batch``, ``device``, ``resident_other``...; the
+    device, dtype and dictionary sizes default to those of the arguments).
     ``budget`` None means every active feature."""
     params = list(transformer.parameters())
     unused = sum(p.numel() for m in linear_path_unused(transformer) for p in m.parameters())
     total = sum(p.numel() for p in params)
     dics = list(dictionaries.values())
     options.setdefault("device", params[0].device.type)
+    options.setdefault("dtype_bytes", params[0].element_size())
+    options.setdefault(
+        "dictionary_params", sum(p.numel() for dic in dics for p in dic.parameters())
+    )
+    options.setdefault("dictionary_bytes", dics[0].W_dec.element_size() if dics else 4)
+    options.setdefault("d_sae", max((int(dic.cfg.d_sae) for dic in dics), default=0))
     return AttributionSize(
         n_double=len(transformer.transformer_blocks),
         n_single=len(transformer.single_transformer_blocks),
@@ -226,10 +260,20 @@ def attribution_size(
         n_img=n_img,
         n_active=n_active,
         budget=n_active if budget is None else min(budget, n_active),
-        dtype_bytes=params[0].element_size(),
         transformer_params=total,
         linear_params=total - unused,
-        dictionary_params=sum(p.numel() for d in dics for p in d.parameters()),
-        dictionary_bytes=dics[0].W_dec.element_size() if dics else 4,
         **options,
     )
+
+
+def kernel_padding(decoder_locations: Any) -> float:
+    """The edge kernels' padded entries over ``N`` for a step's components (``decoder_locations
+    [2, N]``: layer, position), grouped as :class:`~difract_ext.attribution.edges.FeatureKernel`
+    groups them."""
+    layers, positions = decoder_locations[0].cpu(), decoder_locations[1].cpu()
+    padded = 0
+    for layer in layers.unique().tolist():
+        counts = positions[layers == layer].bincount()
+        counts = counts[counts > 0]
+        padded += sum(int(counts[g[0]]) * len(g) for g in group_by_count(counts))
+    return padded / max(1, len(layers))

@@ -51,6 +51,8 @@ class AttributionStep:
         host_vectors: bool | None = None,
     ) -> None:
         self.dictionaries = as_site_dict(dictionaries)
+        if host_vectors is None:
+            host_vectors = next(transformer.parameters()).is_cuda
         self.frozen = FrozenFlux(transformer, step)
         self.step = step
         for site in self.dictionaries:
@@ -64,10 +66,8 @@ class AttributionStep:
             step.t,
             step.n_txt,
             self.frozen.n_double,
+            vectors_device="cpu" if host_vectors else None,
         )
-        c = self.components
-        if c.encoder_vecs.is_cuda if host_vectors is None else host_vectors:
-            c.encoder_vecs, c.decoder_vecs = c.encoder_vecs.cpu(), c.decoder_vecs.cpu()
         self.meta = GraphMeta(
             prompt=step.prompt,
             seed=step.seed,

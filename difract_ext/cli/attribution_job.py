@@ -290,7 +290,11 @@ def estimate_attribution_job(
     number of active features ``N`` and the edge kernels' padding), then predicts from sizes.
     Returns the estimate's summary with the sizes it used.
     """
-    from difract_ext.attribution.memory import attribution_size, estimate_attribution
+    from difract_ext.attribution.memory import (
+        attribution_size,
+        estimate_attribution,
+        kernel_padding,
+    )
     from difract_ext.attribution.step import AttributionStep
     from difract_ext.replacement.inputs import capture_step_input
 
@@ -299,12 +303,6 @@ def estimate_attribution_job(
     )
     tf = pipeline.transformer
     c = AttributionStep(tf, captured, dictionaries).components
-    layers, positions = c.decoder_locations[0].cpu(), c.decoder_locations[1].cpu()
-    padded = 0
-    for layer in layers.unique().tolist():
-        counts = positions[layers == layer].bincount()
-        counts = counts[counts > 0]
-        padded += len(counts) * int(counts.max())
     cuda = next(tf.parameters()).is_cuda
     batch = batch_size or (256 if cuda else 128)  # attribute_step's defaults
     others = [
@@ -323,7 +321,7 @@ def estimate_attribution_job(
         batch_size=batch,
         backward_batch=backward_batch or (batch if cuda else 32),
         rank_entries=rank_entries,
-        kernel_padding=padded / max(1, c.n_active),
+        kernel_padding=kernel_padding(c.decoder_locations),
         resident_other=sum(p.numel() * p.element_size() for m in others for p in m.parameters()),
     )
     est = estimate_attribution(size)

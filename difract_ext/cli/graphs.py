@@ -96,7 +96,8 @@ def add_graph_commands(sub: Any) -> None:
         description=(
             "Run the prompt up to --step, build the local replacement model there "
             "(frozen attention and LayerNorms, transcoders folded at the step's t, error nodes), "
-            "attribute the targets with circuit-tracer's attribute(), validate (conservation, "
+            "attribute the targets with circuit-tracer's algorithm (graph stored by rows; "
+            "--estimate predicts memory first), validate (conservation, "
             "unfrozen ablation), and write OUT/{slug}.json, OUT/{slug}.png, "
             "OUT/{slug}.report.json and OUT/graph-metadata.json."
         ),

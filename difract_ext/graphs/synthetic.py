@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from difract_ext.attribution.graph_meta import RESIDUE_FEATURE, GraphMeta
+from difract_ext.attribution.row_graph import RowGraph, TargetNode
 
 if TYPE_CHECKING:
     from circuit_tracer.graph import Graph
@@ -137,6 +138,89 @@ def synthetic_graph(
         logit_probabilities=torch.from_numpy(probs),
         scan="synthetic-flux",
         vocab_size=SYNTHETIC_VOCAB,
+    )
+    return graph, meta
+
+
+def synthetic_row_graph(
+    seed: int = 0,
+    grid: tuple[int, int] = (64, 64),
+    n_txt: int = 512,
+    n_double: int = 4,
+    n_layers: int = 6,
+    n_expanded: int = 300,
+    n_sources: int = 8,
+) -> tuple[RowGraph, GraphMeta]:
+    """A random :class:`RowGraph` at attribution scale (default: the shapes model at 256 px /
+    512 tokens: 4,608 positions, 6 layers, 300 expanded features, one residue node per double
+    layer and position, ~51 k nodes), for checking that files and the frontend cope.
+
+    Each expanded feature takes ``n_sources`` edges from inputs, error nodes and features of
+    lower layers; the one target takes edges from every expanded feature and ``n_sources``
+    residue and error nodes. Rows ``[n_expanded + 1, M]`` float32.
+    """
+    rng = np.random.default_rng(seed)
+    n_pos = n_txt + grid[0] * grid[1]
+    text_tokens = [f"tok{i}" for i in range(n_txt)]
+    meta = GraphMeta(
+        prompt="a red circle",
+        seed=seed,
+        step=1,
+        timestep=0.75,
+        num_inference_steps=4,
+        n_txt=n_txt,
+        grid=grid,
+        text_tokens=text_tokens,
+        n_double=n_double,
+        n_layers=n_layers,
+        d_img={layer: 1000 for layer in range(n_double)},
+        target_labels=["x0·red @ left"],
+        model_name="synthetic-flux",
+        height=16 * grid[0],
+        width=16 * grid[1],
+    )
+    layers = np.sort(rng.integers(0, n_double, n_expanded))
+    positions = rng.integers(0, n_pos, n_expanded)
+    ids = rng.integers(0, 2000, n_expanded)
+    feats = list(dict.fromkeys(zip(layers.tolist(), positions.tolist(), ids.tolist())))
+    residue = [(lay, p, RESIDUE_FEATURE) for lay in range(n_double) for p in range(n_pos)]
+    active = torch.tensor(feats + residue, dtype=torch.long)
+    n_exp, n_feat = len(feats), len(feats) + len(residue)
+    error0, inputs = n_feat, n_feat + n_layers * n_pos
+    m = inputs + n_pos + 1
+    rows = torch.zeros(n_exp + 1, m)
+    for r, (layer, pos, _) in enumerate(feats):
+        lower = [i for i in range(r) if feats[i][0] < layer]
+        cand = np.concatenate(
+            [
+                inputs + rng.integers(0, n_pos, n_sources),
+                error0 + rng.integers(0, max(layer, 1) * n_pos, n_sources),
+                np.asarray(lower, dtype=np.int64),
+                [inputs + pos],
+            ]
+        )
+        chosen = rng.choice(cand, size=min(n_sources, cand.size), replace=False)
+        rows[r, torch.from_numpy(chosen)] = torch.from_numpy(rng.normal(0, 1, chosen.size)).float()
+    side = np.concatenate(
+        [
+            n_exp + rng.integers(0, len(residue), n_sources),
+            error0 + rng.integers(0, n_pos, n_sources),
+        ]
+    )
+    rows[n_exp, :n_exp] = torch.from_numpy(rng.normal(0, 1, n_exp)).float()
+    rows[n_exp, torch.from_numpy(side)] = torch.from_numpy(rng.normal(0, 0.5, side.size)).float()
+    graph = RowGraph(
+        rows=rows,
+        row_nodes=torch.cat([torch.arange(n_exp), torch.tensor([m - 1])]),
+        active_features=active,
+        selected_features=torch.arange(n_feat),
+        activation_values=torch.from_numpy(rng.uniform(0.5, 3.0, n_feat)).float(),
+        logit_targets=[TargetNode(meta.target_labels[0], SYNTHETIC_VOCAB)],
+        logit_probabilities=torch.ones(1),
+        n_pos=n_pos,
+        n_layers=n_layers,
+        input_string=meta.prompt,
+        scan="synthetic-flux",
     )
     return graph, meta
 

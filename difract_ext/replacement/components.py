@@ -81,8 +81,12 @@ def step_components(
     t: float,
     n_txt: int,
     n_double: int,
+    vectors_device: torch.device | str | None = None,
 ) -> StepComponents:
     """Encode every dictionary at ``t`` on the cached MLP inputs of one step.
+
+    ``vectors_device``: where the encoder and decoder vectors go, site by site (default: with
+    ``mlp_in``; ``"cpu"`` keeps the largest tensors of a GPU step in host memory).
 
     Args:
         dictionaries: ``{Site(layer, stream): TimestepTranscoder}`` (double blocks only).
@@ -124,8 +128,11 @@ def step_components(
             a = acts[p_local, f_local]
             vals.append(a)
             pres.append(pre[p_local, f_local])
-            enc_rows.append(folded.W_enc.index_select(1, f_local).T)
-            dec_rows.append(a[:, None] * dic.W_dec.index_select(0, f_local))
+            home = vectors_device or mlp_in.device
+            enc_rows.append(folded.W_enc.index_select(1, f_local).T.to(home, mlp_in.dtype))
+            dec_rows.append(
+                (a[:, None] * dic.W_dec.index_select(0, f_local)).to(home, mlp_in.dtype)
+            )
             del folded, acts, pre
     if idx:
         indices = torch.cat(idx, dim=1)
@@ -136,14 +143,14 @@ def step_components(
             (key[1:] > key[:-1]).all()
         ):  # sparse COO order (already so for text-first sites)
             order = torch.argsort(key)
+            on_vectors = order.to(enc.device)
             indices, values, enc, dec, pre_all = (
                 indices[:, order],
                 values[order],
-                enc[order],
-                dec[order],
+                enc[on_vectors],
+                dec[on_vectors],
                 pre_all[order],
             )
-        enc, dec = enc.to(mlp_in.dtype), dec.to(mlp_in.dtype)
     else:
         indices = torch.zeros(3, 0, dtype=torch.long)
         values = torch.zeros(0, dtype=mlp_in.dtype)

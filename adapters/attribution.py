@@ -248,6 +248,15 @@ def attribute_step(
         raise ValueError(
             f"batch_size ({batch_size}) and backward_batch ({backward_batch}) must be >= 1"
         )
+    if max_feature_nodes is not None and (
+        isinstance(max_feature_nodes, bool)
+        or not isinstance(max_feature_nodes, int)
+        or max_feature_nodes < 1
+    ):
+        raise ValueError(
+            f"max_feature_nodes must be an integer >= 1, or None for every active feature; "
+            f"got {max_feature_nodes!r}"
+        )
     model = FluxReplacementModel(
         transformer, step, dictionaries, scan=scan, model_name=model_name, host_vectors=host_vectors
     )

@@ -209,6 +209,10 @@ class TimestepConditioned:
             self.__dict__["_difract_t_stack"] = stack
         return stack
 
+    def _t_high(self) -> float:
+        """The largest t this dictionary takes: 1 over its config's ``timestep_scale``."""
+        return 1.0 / float(getattr(getattr(self, "cfg", None), "timestep_scale", 1.0) or 1.0)
+
     @contextlib.contextmanager
     def timestep(self, t: TimestepLike) -> Iterator[Any]:
         """Scope a timestep for calls that pass only ``x`` (SAELens' own callers)::
@@ -217,7 +221,7 @@ class TimestepConditioned:
             y = transcoder(x)
         """
         stack = self._t_stack()
-        stack.append(as_timestep_tensor(t))
+        stack.append(as_timestep_tensor(t, high=self._t_high()))
         try:
             yield self
         finally:
@@ -225,7 +229,9 @@ class TimestepConditioned:
 
     def set_timestep(self, t: TimestepLike | None) -> None:
         """Set (or with None clear) a persistent timestep, used when no other t is given."""
-        self.__dict__["_difract_t_fixed"] = None if t is None else as_timestep_tensor(t)
+        self.__dict__["_difract_t_fixed"] = (
+            None if t is None else as_timestep_tensor(t, high=self._t_high())
+        )
 
     def bind_timestep_source(self, source: TimestepSource | None) -> None:
         """Read t from ``source()`` when no t is passed, scoped or set (e.g. a FLUX pre-hook)."""
@@ -251,7 +257,7 @@ class TimestepConditioned:
                 "`with dictionary.timestep(t): ...`. t is the value the transformer receives "
                 "(FLUX: in [0, 1]; schnell's 4 steps are 1.0, 0.75390625, 0.5, 0.25)."
             )
-        t_tensor = as_timestep_tensor(t, device=x.device)
+        t_tensor = as_timestep_tensor(t, device=x.device, high=self._t_high())
         broadcast_shape_for(t_tensor, x)
         self._warn_unseen(t_tensor)
         return t_tensor
@@ -292,7 +298,7 @@ class TimestepConditioned:
         Returns:
             ``(scale, shift)``, each ``[*T, d_in]`` in the dictionary dtype.
         """
-        t_tensor = as_timestep_tensor(t, device=self.mod_linear.weight.device)
+        t_tensor = as_timestep_tensor(t, device=self.mod_linear.weight.device, high=self._t_high())
         flat = t_tensor.reshape(-1)
         uniq, inverse = torch.unique(flat, return_inverse=True)
         if uniq.numel() <= 64:  # one 1-row product per distinct t: batch-independent rounding

@@ -89,12 +89,22 @@ class TimestepEmbeddingSpec:
         return asdict(self)
 
 
-def as_timestep_tensor(t: TimestepLike, device: torch.device | str | None = None) -> torch.Tensor:
-    """Turn a float, int or tensor into a float32 tensor of timesteps (shape kept, 0-d allowed)."""
+def as_timestep_tensor(
+    t: TimestepLike, device: torch.device | str | None = None, high: float = 1.0
+) -> torch.Tensor:
+    """Turn a float, int or tensor into a float32 tensor of timesteps (shape kept, 0-d allowed).
+
+    ``high``: the largest t accepted (1 for FLUX; ``1 / timestep_scale`` for a dictionary whose
+    backbone's transformer receives ``[0, 1000]``).
+
+    Raises:
+        TimestepError: not a real number, NaN/inf, or outside [0, high] (FLUX's transformer
+            receives the scheduler's timestep / 1000; a value like 750 is the scheduler's scale).
+    """
     if isinstance(t, bool):
         raise TimestepError(f"timestep must be a number or a tensor, got {t!r}")
     if isinstance(t, (float, int)):
-        return torch.tensor(float(t), dtype=torch.float32, device=device)
+        t = torch.tensor(float(t), dtype=torch.float32)
     if not isinstance(t, torch.Tensor):
         raise TimestepError(
             f"timestep must be a float or a tensor of floats, got {type(t).__name__}"
@@ -104,6 +114,15 @@ def as_timestep_tensor(t: TimestepLike, device: torch.device | str | None = None
     t = t.to(device=device if device is not None else t.device, dtype=torch.float32)
     if not bool(torch.isfinite(t).all()):
         raise TimestepError("timestep contains NaN or inf")
+    if t.numel() and not bool(((t >= 0) & (t <= high)).all()):
+        bad = float(t[(t < 0) | (t > high)].flatten()[0])
+        hint = f"; divide by 1000 (t = {bad / 1000:g})" if high == 1 < bad <= 1000 else ""
+        raise TimestepError(
+            f"timestep {bad:g} is outside [0, {high:g}]: dictionaries take the t that FLUX's "
+            f"transformer "
+            f"receives (the scheduler's timestep / 1000, e.g. 1.0, 0.75390625, 0.5, 0.25 for "
+            f"schnell){hint}"
+        )
     return t
 
 

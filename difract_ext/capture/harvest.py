@@ -21,6 +21,7 @@ MLP call, so device memory is the pipeline's own.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import shutil
@@ -50,6 +51,7 @@ from difract_ext.capture.shard_buffer import ShardBuffer
 from difract_ext.flux.sites import STREAMS, Site, as_site
 from difract_ext.util.atomic import atomic_write_json
 from difract_ext.util.config import check_range, config_to_dict
+from difract_ext.util.digest import module_digest
 from difract_ext.util.files import BadFileError, read_json
 from difract_ext.util.seeds import HARVEST_BASIS, derive_seed
 
@@ -90,6 +92,8 @@ _IDENTITY_FIELDS = (
     "dtype",
     "call_kwargs",
     "d_model",
+    "model_digest",
+    "model_dtype",
 )
 
 
@@ -330,11 +334,28 @@ def _text_valid(pipe: Any, prompts: list[str], max_len: int) -> torch.Tensor:
     return enc.attention_mask.bool()
 
 
-def _config_json(cfg: HarvestConfig, prompts: list[str], d_model: int) -> dict[str, Any]:
+def _model_identity(pipe: Any) -> dict[str, str]:
+    """What the rows depend on besides the config: the transformer's and text encoders' weights
+    (sampled digest, :func:`~difract_ext.util.digest.module_digest`) and the compute dtype."""
+    parts = [
+        f"{name}:{module_digest(module)}"
+        for name in ("transformer", "text_encoder", "text_encoder_2")
+        if isinstance(module := getattr(pipe, name, None), torch.nn.Module)
+    ]
+    return {
+        "model_digest": hashlib.sha256("|".join(parts).encode()).hexdigest(),
+        "model_dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+    }
+
+
+def _config_json(
+    cfg: HarvestConfig, prompts: list[str], d_model: int, identity: dict[str, str]
+) -> dict[str, Any]:
     d = config_to_dict(cfg)
     d.pop("shard_rows")  # how rows are cut into files: not part of the harvest's identity
     d.pop("commit_seconds")
     d.update(format=FORMAT, version=FORMAT_VERSION, prompts=list(prompts), d_model=d_model)
+    d.update(identity)
     return d
 
 
@@ -344,7 +365,14 @@ def _check_compatible(old: dict[str, Any], new: dict[str, Any], root: Path) -> N
             **old,
             "text_padding": TEXT_PADDING_ALIASES.get(old["text_padding"], old["text_padding"]),
         }
-    diff = [k for k in _IDENTITY_FIELDS if old.get(k) != new.get(k)]
+    unrecorded = [k for k in ("model_digest", "model_dtype") if k not in old]
+    if unrecorded:  # written before the model was recorded: cannot be checked
+        logger.warning(
+            "%s does not record the model it was harvested from (%s); resuming without that check",
+            root,
+            ", ".join(unrecorded),
+        )
+    diff = [k for k in _IDENTITY_FIELDS if k not in unrecorded and old.get(k) != new.get(k)]
     if diff:
         raise HarvestFormatError(
             f"{root} was harvested with a different {', '.join(diff)}; resuming would mix "
@@ -403,7 +431,7 @@ def harvest(
     d_model = int(tcfg.num_attention_heads * tcfg.attention_head_dim)
     for site in config.sites:
         site.check_in(int(tcfg.num_layers))
-    new_cfg = _config_json(config, prompts, d_model)
+    new_cfg = _config_json(config, prompts, d_model, _model_identity(pipe))
     cfg_path = root / CONFIG_FILE
     existed = cfg_path.is_file()
     state.wait_for_everyone()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ from difract_ext.training.data import GroupData, group_rows, plan_groups, steps_
 from difract_ext.training.dictionary_io import DictionaryIO
 from difract_ext.training.objective import Objective, resample_dead
 from difract_ext.training.quality import OVERACTIVE_RATE, warn_failures
+from difract_ext.training.resume import checked_position, run_fingerprint
 from difract_ext.training.specs import DictionarySpec, TrainConfig, build_dictionary
 from difract_ext.util.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
 from difract_ext.util.files import read_json
@@ -63,12 +63,6 @@ INDEX_FILE = "index.json"
 REPORT_WINDOW_STEPS = 100
 DENSE_RATE = (
     0.1  # a feature active on more rows than this is "dense" (as in the evaluation's default)
-)
-_NON_IDENTITY = (
-    "checkpoint_every_steps",
-    "checkpoint_every_seconds",
-    "stop_after_steps",
-    "log_every",
 )
 
 
@@ -194,18 +188,6 @@ class _State:
         }
 
 
-def _fingerprint(reader: HarvestReader, specs: Sequence[DictionarySpec], cfg: TrainConfig) -> str:
-    blob = json.dumps(
-        {
-            "specs": [s.to_json() for s in specs],
-            "config": {k: v for k, v in cfg.to_json().items() if k not in _NON_IDENTITY},
-            "shards": [s.file for s in reader.shards],
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def _prompts_digest(prompts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
@@ -275,11 +257,12 @@ def train_dictionaries(
                 f"stream {s!r} has fewer rows per shard group than batch_size={cfg.batch_size}; "
                 "harvest more, lower batch_size or raise mix_shards"
             )
-    n_global = sum(
+    per_group = [
         max(group_rows(reader, g, s, cfg.include_padding) // cfg.batch_size for s in streams)
         for g in groups
-    )
-    fingerprint = _fingerprint(reader, specs, cfg)
+    ]
+    n_global = sum(per_group)
+    fingerprint = run_fingerprint(reader, specs, cfg)
     ckpt_path = out / CHECKPOINT
     finished = _finished_run(out, fingerprint, resume, acc.device, io)
     if finished is not None:
@@ -304,7 +287,17 @@ def train_dictionaries(
                 f"{out} holds a training checkpoint; "
                 "pass resume=True (--resume) or use another folder"
             )
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or corrupt file: torch's errors name no file
+            raise ValueError(
+                f"{ckpt_path} cannot be read ({type(e).__name__}: {e}); delete it to train from "
+                "the start, or restore it from a backup"
+            ) from None
+        if not isinstance(ck, dict):
+            raise ValueError(
+                f"{ckpt_path} is not a training checkpoint; delete it or use another folder"
+            )
         if ck.get("version") != CHECKPOINT_VERSION:
             raise ValueError(
                 f"{ckpt_path} is a version-{ck.get('version')} checkpoint (this trainer writes "
@@ -314,9 +307,11 @@ def train_dictionaries(
             raise ValueError(
                 f"{ckpt_path} was written for different specs, config or data; cannot resume"
             )
+        position, global_step = checked_position(
+            ck, ckpt_path, per_group, [st.spec.resolved_name for st in states]
+        )
         for st in states:
             st.load_state_dict(ck["dictionaries"][st.spec.resolved_name])
-        position, global_step = (int(ck["group"]), int(ck["batch"])), int(ck["global_step"])
         logger.info("resumed %s at global step %d", out, global_step)
     elif resume:
         logger.info("no checkpoint in %s: starting from scratch", out)

@@ -1,5 +1,6 @@
-"""A resume refuses a changed identity (issue 17, "Resume"): another model or dtype for a harvest,
-other data under the same shard names for training, a checkpoint whose fields do not fit the run.
+"""A resume refuses a changed identity (issue 17, "Resume", "Files"): another model or dtype for a
+harvest, other data under the same shard names for training, a checkpoint whose fields do not fit
+the run, journal entries outside the harvest folder or listed twice.
 
 Each refusal is paired with the unchanged resume still working, so the checks cannot simply
 refuse everything.
@@ -8,6 +9,7 @@ refuse everything.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from difract_ext import SAELENS_IO
-from difract_ext.capture import HarvestConfig, HarvestFormatError, harvest
+from difract_ext.capture import HarvestConfig, HarvestFormatError, HarvestReader, harvest
 from difract_ext.capture.synthetic import synthetic_harvest
 from difract_ext.cli.sources import load_pipeline
 from difract_ext.flux.sites import Site
@@ -151,3 +153,47 @@ def test_checkpoint_missing_a_dictionary_or_unreadable_is_refused(tmp_path: Path
     torch.save(saved, out / CHECKPOINT)  # the intact checkpoint resumes
     done = train_dictionaries(data, SPECS, out, CFG, resume=True, progress=False, io=SAELENS_IO)
     assert done.finished
+
+
+# ---- harvest journals: entries outside the folder, a shard or unit listed twice -------------
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"file": "../outside.safetensors"},
+        {"file": "/etc/hostname"},
+        {"file": "shards/../../outside.safetensors"},
+        {"file": "shards/sub/x.safetensors"},
+        {"chunks": []},
+    ],
+)
+def test_journal_entry_outside_the_folder_is_refused(tiny: Any, tmp_path: Path, edit) -> None:
+    root = tmp_path / "h"
+    _harvest(tiny.pipe, tiny, root)
+    journal = root / "manifest.rank0.json"
+    data = json.loads(journal.read_text())
+    data["shards"][0].update(edit)
+    journal.write_text(json.dumps(data))
+    with pytest.raises(HarvestFormatError, match="manifest.rank0.json: shards\\[0\\]"):
+        HarvestReader(root)
+    with pytest.raises(HarvestFormatError):
+        _harvest(tiny.pipe, tiny, root, resume=True)
+
+
+@pytest.mark.parametrize("what", ["file", "units"])
+def test_journal_listing_a_shard_twice_is_refused(tiny: Any, tmp_path: Path, what: str) -> None:
+    root = tmp_path / "h"
+    _harvest(tiny.pipe, tiny, root)
+    HarvestReader(root)  # intact: reads
+    journal = root / "manifest.rank0.json"
+    data = json.loads(journal.read_text())
+    first = data["shards"][0]
+    twin = dict(first, chunks=[max(c for s in data["shards"] for c in s["chunks"]) + 1])
+    if what == "units":
+        twin["file"] = "shards/copy.safetensors"
+        shutil.copy(root / first["file"], root / twin["file"])
+    data["shards"].append(twin)
+    journal.write_text(json.dumps(data))
+    with pytest.raises(HarvestFormatError, match="listed twice .*read twice"):
+        HarvestReader(root)

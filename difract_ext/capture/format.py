@@ -43,7 +43,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -127,9 +127,18 @@ class ShardInfo:
                 f"{source}: a shard entry must be a JSON object, got {d!r:.80}"
             )
         try:
-            return config_from_dict(cls, {"valid_rows": d.get("rows"), **d}, source)
+            info = config_from_dict(cls, {"valid_rows": d.get("rows"), **d}, source)
         except ConfigError as e:
             raise HarvestFormatError(str(e)) from e
+        parts = PurePosixPath(info.file).parts
+        if len(parts) != 2 or parts[0] != SHARD_DIR or parts[1] in (".", "..") or "\\" in info.file:
+            raise HarvestFormatError(
+                f"{source}: shard file {info.file!r} is not a file of the harvest's {SHARD_DIR}/ "
+                "folder; the journal was edited or corrupted: restore it, or harvest again"
+            )
+        if not info.chunks or not info.units:
+            raise HarvestFormatError(f"{source}: shard {info.file!r} lists no chunks or units")
+        return info
 
 
 def write_shard(
@@ -179,11 +188,22 @@ def read_all_shards(root: Path) -> list[ShardInfo]:
         shards.extend(read_journal(root, rank))
     shards.sort(key=lambda s: s.chunks[0])
     seen: set[int] = set()
+    files: set[str] = set()
+    units: set[tuple[int, int]] = set()
     for s in shards:
         dup = seen.intersection(s.chunks)
         if dup:
             raise HarvestFormatError(f"chunks {sorted(dup)} are listed twice in {root}'s journals")
+        twice = units.intersection(map(tuple, s.units))
+        if s.file in files or twice:
+            what = f"shard {s.file!r}" if s.file in files else f"units {sorted(twice)[:3]}"
+            raise HarvestFormatError(
+                f"{what} listed twice in {root}'s journals (its rows would be read twice); "
+                "restore the journals, or harvest again"
+            )
         seen.update(s.chunks)
+        files.add(s.file)
+        units.update(map(tuple, s.units))
     return shards
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "port",
     "positive_int",
     "positive_number",
+    "seed",
 ]
 
 
@@ -40,6 +41,7 @@ def _checked(parse: Callable[[str], Any], name: str, **rule: Any) -> Callable[[s
         return value
 
     convert.__name__ = name
+    convert.rule = {"integer": parse is int, **rule}  # type: ignore[attr-defined]
     return convert
 
 
@@ -50,6 +52,8 @@ nonnegative_number = _checked(float, "nonnegative_number", low=0)
 #: a number in [0, 1]
 fraction = _checked(float, "fraction", low=0, high=1)
 port = _checked(int, "port", low=0, high=65535)
+#: a generator seed (what ``torch.Generator.manual_seed`` takes without wrapping around)
+seed = _checked(int, "seed", low=0, high=2**63 - 1)
 
 
 def number_in(low: float, high: float, **open_ends: bool) -> Callable[[str], float]:

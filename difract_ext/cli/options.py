@@ -12,6 +12,7 @@ from difract_ext.cli.argtypes import (
     number_in,
     positive_int,
     positive_number,
+    seed,
 )
 
 
@@ -57,7 +58,7 @@ def add_harvest_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
         default=["all"],
         help="MLPs: 'all', 'all:img', 'all:txt', or sites as STREAM_LAYER (e.g. img_3 txt_3)",
     )
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="generation seeds per prompt")
+    p.add_argument("--seeds", nargs="+", type=seed, default=[0], help="generation seeds per prompt")
     p.add_argument(
         "--batch-size", type=positive_int, default=8, help="(prompt, seed) units per pipeline call"
     )
@@ -94,7 +95,7 @@ def add_harvest_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
         default=None,
         help="the same for text tokens (default: --subsample)",
     )
-    p.add_argument("--sample-seed", type=int, default=0, help="seed of the token subsampling")
+    p.add_argument("--sample-seed", type=seed, default=0, help="seed of the token subsampling")
     p.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
@@ -288,7 +289,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         default=4,
         help="shards shuffled together (memory ~ this many)",
     )
-    p.add_argument("--seed", type=int, default=0, help="init, data order and resampling seed")
+    p.add_argument("--seed", type=seed, default=0, help="init, data order and resampling seed")
     p.add_argument(
         "--dead-window",
         type=positive_int,
@@ -406,7 +407,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="prompt spec for splicing (default: the held-out harvest's prompts)",
     )
     p.add_argument(
-        "--splice-seeds", nargs="+", type=int, default=[0], help="seeds per splice prompt"
+        "--splice-seeds", nargs="+", type=seed, default=[0], help="seeds per splice prompt"
     )
     p.add_argument(
         "--splice-max-prompts",

@@ -42,6 +42,7 @@ from difract_ext.flux.sites import (
     as_site,
     transformer_calls_per_step,
 )
+from difract_ext.intervene.spec import Intervention, InterventionError, edit_features
 from difract_ext.intervene.splice import SpliceMode, TranscoderSite, check_dictionary_fits, spliced
 
 
@@ -87,7 +88,8 @@ class FluxTracer(InterleavingTracer):
         step, or two per step under true CFG (the conditional call, then the unconditional one).
 
         Raises:
-            ValueError: a step outside ``0 .. num_inference_steps - 1``.
+            ValueError: a step outside ``0 .. num_inference_steps - 1``, or steps not distinct
+                and increasing (a step listed after a later one would be skipped).
         """
         n, calls = self._n_steps()
         if not selection:
@@ -106,6 +108,12 @@ class FluxTracer(InterleavingTracer):
             raise ValueError(
                 f"step(s) {bad or list(selection)} out of range: this trace runs {n} denoising "
                 f"steps (0..{n - 1}); pass num_inference_steps= to trace() for more"
+            )
+        if any(b <= a for a, b in zip(wanted, wanted[1:])):
+            raise ValueError(
+                f"steps {wanted} must be distinct and in increasing order: the denoising loop "
+                f"runs forward, so a step listed after a later one would be skipped silently; "
+                f"use tracer.steps({', '.join(map(str, sorted(set(wanted))))})"
             )
         occurrences = [s * calls + c for s in wanted for c in range(calls)]
         if occurrences == list(range(n * calls)):
@@ -286,3 +294,85 @@ class FluxModel(DiffusionModel):
         for site, mod in sites.items():
             blocks[site.layer][STREAM_MODULES[site.stream]] = mod
         self.transcoders = blocks
+
+    # ---- interventions (difract_ext.intervene.spec) ---------------------------------------------
+    def apply_intervention(
+        self,
+        intervention: Intervention,
+        step: int,
+        dictionaries: Mapping[Any, Any] | None = None,
+    ) -> None:
+        """Inside a step loop of :meth:`trace`: apply ``intervention``'s edits of denoising
+        ``step`` as deltas on the true MLP outputs, ``(z' − z) · W_dec`` (error term kept).
+
+        ``role="transcoder"`` edits the features of the attached transcoders (as
+        ``flux.transcoders[l].ff.features.output`` edits do); ``role="sae"`` encodes the MLP
+        output with ``dictionaries[site]`` (SAEs), edits and adds the delta. Call it first in
+        the loop body (it reads ``flux.timestep``, then the sites in execution order).
+
+        Raises:
+            InterventionError: an edit at a site without a dictionary, or out of range.
+        """
+        by_site = intervention.at_step(step)
+        if not by_site:
+            return
+        if intervention.role == "transcoder":
+            intervention.check(self._difract_sites)
+            for site, edits in by_site.items():
+                env = getattr(self.transcoders[site.layer], STREAM_MODULES[site.stream]).features
+                env.output = edit_features(env.output, edits)
+            return
+        dicts = {as_site(k): v for k, v in (dictionaries or {}).items()}
+        intervention.check(dicts)
+        t = self.timestep
+        blocks = self.transformer.transformer_blocks
+        for site, edits in by_site.items():
+            env = getattr(blocks[site.layer], STREAM_MODULES[site.stream])
+            y, sae = env.output, dicts[site]
+            with torch.no_grad():
+                z = sae.encode(y.to(sae.W_dec.dtype), t=t.to(y.device))
+                delta = edit_features(z, edits) - z
+                env.output = y + (delta @ sae.W_dec).to(y.dtype)
+
+    def run_intervention(
+        self,
+        prompts: str | Iterable[str],
+        intervention: Intervention | None = None,
+        *,
+        seeds: int | Iterable[int] = 0,
+        dictionaries: Mapping[Any, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Generate ``prompts`` (one image each; row ``i`` gets ``torch.Generator`` seeded
+        ``seeds[i]``, or ``seeds + i`` for an int) with ``intervention`` applied at every step
+        it names; returns the pipeline output (``.images``). Keywords as for :meth:`trace`.
+
+        Batch several interventions with :meth:`Intervention.on_rows` and ``+``.
+        """
+        plist = [prompts] if isinstance(prompts, str) else list(prompts)
+        slist = (
+            [int(seeds) + i for i in range(len(plist))]
+            if isinstance(seeds, int)
+            else [int(s) for s in seeds]
+        )
+        if len(slist) != len(plist):
+            raise InterventionError(f"{len(plist)} prompts but {len(slist)} seeds")
+        device = self.pipeline.device
+        kwargs["generator"] = [torch.Generator(device).manual_seed(s) for s in slist]
+        if intervention is not None:
+            if kwargs.get("num_inference_steps") is None:
+                kwargs["num_inference_steps"] = self._difract_default_steps
+            n = int(resolve(self.pipeline, **kwargs)["num_inference_steps"])
+            sites = (
+                self._difract_sites
+                if intervention.role == "transcoder"
+                else {as_site(k): v for k, v in (dictionaries or {}).items()}
+            )
+            intervention.check(sites, n_steps=n, n_rows=len(plist))
+        with self.trace(plist, **kwargs) as tracer:
+            calls = tracer._n_steps()[1]
+            for i in tracer.steps():
+                if intervention is not None:
+                    self.apply_intervention(intervention, i // calls, dictionaries)
+            out = tracer.result.save()
+        return out

@@ -109,7 +109,20 @@ def test_run_attribution_end_to_end(pipe, tmp_path: Path) -> None:
     )
     assert report["conservation"]["max_rel_error"] <= 1e-5
     assert 0 < report["replacement_score"] <= 1 and 0 < report["completeness_score"] <= 1
-    assert -1 <= report["unfrozen_ablation_spearman"] <= 1
+    faith = report["faithfulness"]
+    x0 = faith["targets"][0]
+    # the graph's own (frozen) model: ablations change the target by exactly minus the total
+    # effects, at every size, for both targets (a wrong effect formula is off by percents)
+    assert (
+        x0["frozen_max_rel_error"] <= 1e-4 and faith["targets"][1]["frozen_max_rel_error"] <= 1e-4
+    )
+    assert x0["nodes"] == 30 and set(x0["ablation"]) == {"1%", "100%"}
+    assert x0["breakdown"]["frozen"]["100%"]["spearman"] == pytest.approx(1.0, abs=1e-9)
+    assert report["unfrozen_ablation_spearman"] == x0["ablation"]["100%"]["spearman"]
+    summary = faith["summary"]
+    assert summary["Spearman @100%"] == x0["ablation"]["100%"]["spearman"]
+    assert summary["seconds"] == faith["seconds"] > 0
+    assert all(isinstance(v, float) and v == v for v in summary.values())
     assert report["timestep"] == 0.75 and report["targets"] == ["x0:red@left", "x0:blue@right=0.5"]
     graph = json.loads(Path(report["graph_file"]).read_text())
     assert graph["metadata"]["slug"] == report["slug"]
@@ -117,3 +130,33 @@ def test_run_attribution_end_to_end(pipe, tmp_path: Path) -> None:
     saved = json.loads((tmp_path / f"{report['slug']}.report.json").read_text())
     assert saved["n_active_features"] == report["n_active_features"]
     assert (tmp_path / "graph-metadata.json").exists()
+
+
+def test_feature_target_at_its_argmax_and_no_validate(pipe, tmp_path: Path) -> None:
+    from difract_ext.attribution.step import AttributionStep
+    from difract_ext.replacement.inputs import capture_step_input
+
+    dics = make_dics(pipe.transformer.inner_dim)
+    site, feature = Site(1, "img"), 3
+    report = run_attribution(
+        pipe,
+        "a red circle on the left",
+        step=1,
+        targets=[f"feature:{site}:{feature}@argmax"],
+        dictionaries=dics,
+        out_dir=tmp_path,
+        num_inference_steps=4,
+        batch_size=64,
+        validate=False,
+        **KW,
+    )
+    assert "faithfulness" not in report and "conservation" not in report
+    saved = json.loads((tmp_path / f"{report['slug']}.report.json").read_text())
+    assert "faithfulness" not in saved
+    # independently: the feature's largest pre-activation over the image positions
+    step = capture_step_input(pipe, "a red circle on the left", 1, seed=0, **KW)
+    mlp_in = AttributionStep(pipe.transformer, step, dics).clean["mlp_in"]
+    with torch.no_grad():
+        _, pre = dics[site].encode_with_hidden_pre(mlp_in[1, step.n_txt :], t=step.t)
+    assert report["target_values"][0] == pytest.approx(float(pre[:, feature].max()), rel=1e-5)
+    assert abs(float(pre[:, feature].max() - pre[:, feature].sum())) > 0.1  # not the summed one

@@ -55,7 +55,7 @@ def test_attribute_on_the_shapes_model(tmp_path: Path) -> None:
     assert 0.4 < estimate["peak_gib"] < 4
     graph = json.loads(Path(report["graph_file"]).read_text())
     labels = {n.get("clerp", "") for n in graph["nodes"]}
-    assert any(lbl.startswith('Output "x0:blue@top"') for lbl in labels)
+    assert any(lbl.startswith('Target "x0:blue@top"') for lbl in labels)
     assert (
         graph["metadata"]["step"] == 2 and graph["metadata"]["prompt"] == "a blue square at the top"
     )

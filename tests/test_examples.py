@@ -43,3 +43,14 @@ def test_trace_flux_example_tiny() -> None:
     assert steps == ["t=1", "t=0.75", "t=0.5", "t=0.25"]
     assert "changed the final latent by" in out
     assert "unedited trace identical to plain diffusers: True" in out
+
+
+def test_steer_shapes_example() -> None:
+    out = run_example("steer_shapes.py")
+    nodes = [line for line in out.splitlines() if line.startswith("node ")]
+    assert len(nodes) == 4 and all("step 0" in n for n in nodes)
+    assert [line.split()[0] for line in out.splitlines() if " edits, success " in line] == [
+        "circuit",
+        "sae",
+    ]
+    assert "strength 0 leaves the images unchanged: True" in out

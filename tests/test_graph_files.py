@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +126,42 @@ def test_feature_and_target_labels(written):
             index = feat if stream == "img" else feat - meta.d_img[layer]
             assert n["clerp"] == f"{stream}_{layer} #{index}"
             assert n["activation"] is not None and n["influence"] is not None
+            # explicit fields: nobody parses labels
+            pos = _true_pos(n)
+            kind, a, b = meta.position_kind(pos)
+            assert n["difract"] == {
+                "site": f"{stream}_{layer}",
+                "stream": stream,
+                "layer": layer,
+                "feature": index,
+                "position": pos,
+                "token": meta.text_tokens[a] if kind == "txt" else None,
+                "patch": [a, b] if kind == "img" else None,
+            }
+        else:
+            assert "difract" not in n
     logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
     assert len(logits) == len(meta.target_labels)
     for k, n in enumerate(logits):
-        # the UI reads the token between the first quotes and the number after "(p="
-        assert n["clerp"].split('"')[1] == meta.target_labels[k]
-        p = float(n["clerp"].split("(p=")[1].split(")")[0])
-        assert p == pytest.approx(float(graph.logit_probabilities[k]), abs=1e-3)
+        # the UI reads the target between the first quotes; no meaningless "(p=...)"
+        assert n["clerp"].split('"')[1] == meta.target_labels[k] and "(p=" not in n["clerp"]
+        w = float(graph.logit_probabilities[k])
+        assert n["clerp"] == f'Target "{meta.target_labels[k]}" (w={w:.2f})'
+        assert n["difract_target"] == {"label": meta.target_labels[k], "value": None, "weight": w}
     assert logits[0]["is_target_logit"] and not logits[1]["is_target_logit"]
+
+
+def test_target_values_label_targets(tmp_path):
+    graph, meta = synthetic_graph(seed=1)
+    values = [0.25 * (k + 1) for k in range(len(meta.target_labels))]
+    path = write_graph_files(graph, meta, tmp_path, "tv", target_values=values, feature_files=False)
+    logits = [n for n in json.loads(path.read_text())["nodes"] if n["feature_type"] == "logit"]
+    for k, n in enumerate(logits):
+        w = float(graph.logit_probabilities[k])
+        assert n["clerp"] == f'Target "{meta.target_labels[k]}" = {values[k]:+.4g} (w={w:.2f})'
+        assert n["difract_target"]["value"] == values[k]
+    with pytest.raises(ValueError, match="1 target values for 2 targets"):
+        write_graph_files(graph, meta, tmp_path, "tv2", target_values=[1.0])
 
 
 def test_unconnected_inputs_dropped(written):
@@ -392,3 +421,44 @@ def test_padding_positions_are_labelled_and_flagged(tmp_path):
         word = PAD_LABEL if p["pos"] >= 4 else labels[p["pos"]]
         assert p["label"] == f'txt {p["pos"]} "{word}"'
     assert all("padding" not in p for p in positions if p["kind"] != "txt")
+
+
+def _raw_request(port: int, head: str, body: bytes, wait: float = 5.0) -> tuple[int, float]:
+    """Send ``head`` + ``body`` as they are; the status and the seconds until it came."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        start = time.monotonic()
+        s.sendall(head.encode() + body)
+        status = int(s.recv(65536).split(b" ")[1])
+        return status, time.monotonic() - start
+
+
+def test_server_answers_bad_requests_with_4xx_and_drops_stalled_ones(written, monkeypatch):
+    """A body shorter than its Content-Length used to hold a handler thread forever; a bad JSON
+    body or a malformed graph file on disk used to give a 500 with a traceback."""
+    from difract_ext.graphs import server as server_mod
+
+    out = written[0]
+    monkeypatch.setattr(server_mod.GraphRequestHandler, "timeout", 1)
+    broken = out / "broken.json"
+    broken.write_text("{not json")
+    srv = serve(out)
+    try:
+
+        def head(slug: str, length: str) -> str:
+            return (
+                f"POST /save_graph/{slug} HTTP/1.0\r\nHost: 127.0.0.1:{srv.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+            )
+
+        body = json.dumps({"qParams": {}}).encode()
+        status, took = _raw_request(srv.port, head(SLUG, "100"), body)  # 13 of 100 bytes
+        assert status == 408 and took < 4
+        assert _raw_request(srv.port, head(SLUG, "x"), body)[0] == 400
+        assert _raw_request(srv.port, head(SLUG, "9"), b"{not json")[0] == 400
+        assert _raw_request(srv.port, head(SLUG, "2"), b"\xff\xfe")[0] == 400
+        assert _raw_request(srv.port, head("broken", str(len(body))), body)[0] == 422
+        assert broken.read_text() == "{not json"  # left as it was
+        assert _raw_get(srv.port, "/")[0] == 200  # still serving
+    finally:
+        srv.stop()
+        broken.unlink()

@@ -14,6 +14,7 @@ PACKAGES = (
     "attribution",
     "capture",
     "cli",
+    "dashboards",
     "dictionary",
     "flux",
     "graphs",

@@ -13,6 +13,12 @@
 - :mod:`~difract_ext.attribution.residue`: residue nodes of a dense graph (circuit-tracer path);
 - :mod:`~difract_ext.attribution.graph_meta`: what a graph is about (positions, layers, run);
 - :mod:`~difract_ext.attribution.validation`: perturbation, conservation and ablation checks.
+- :mod:`~difract_ext.attribution.effects`: value-normalised total effects of every node on every
+  target (``x = e (I − A D⁻¹)⁻¹``, then ``x A``), on the rows;
+- :mod:`~difract_ext.attribution.partial`: ``PartialFlux``, the step with each freeze of the
+  replacement model lifted in turn, for batched interventions (the real model when all are);
+- :mod:`~difract_ext.attribution.faithfulness`: the per-graph faithfulness report (ablation
+  agreement at several sizes, which freeze leaks, node selection, DifFRACT's pairwise check).
 
 :mod:`difract_ext.adapters.attribution` runs a step (``attribute_step``) and bridges to
 circuit-tracer (its own ``attribute()`` and ``Graph``, for small graphs).

@@ -6,7 +6,9 @@
 - :func:`conservation`: each row's incoming edges sum to the row's value minus its constant terms
   (the value of the frozen model with every source removed);
 - :func:`ablation_spearman`: in the *unfrozen* model, ablate the top nodes and compare the measured
-  change of the target with the graph's predicted total effect (Spearman rank correlation).
+  change of the target with the graph's total effect
+  (:func:`~difract_ext.attribution.effects.total_effects`, value-normalised); the full report is
+  :mod:`~difract_ext.attribution.faithfulness`.
 
 Node order follows circuit-tracer's layout: ``[selected features (incl. residue), errors
 (l * P + p), inputs (P), targets (K)]``; the graph is a
@@ -21,7 +23,10 @@ from typing import Any
 
 import torch
 
+from difract_ext.attribution.effects import total_effects
+from difract_ext.attribution.faithfulness import ablation_agreement, agreement, top_nodes
 from difract_ext.attribution.graph_meta import RESIDUE_FEATURE
+from difract_ext.attribution.partial import UNFROZEN, node_vectors
 
 
 @dataclass
@@ -43,27 +48,6 @@ def _layout(result: Any) -> SourceLayout:
     return SourceLayout(
         len(g.selected_features), result.meta.n_layers, result.meta.n_pos, len(g.logit_targets)
     )
-
-
-def _feature_vectors(result: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[n_feat, 2]`` (layer, pos) and ``[n_feat, d]`` decoder contribution of each feature
-    node.
-    """
-    g, c = result.graph, result.components
-    feats = g.active_features[g.selected_features]
-    n_active = c.n_active
-    out = torch.zeros(len(feats), c.decoder_vecs.shape[1], dtype=c.decoder_vecs.dtype)
-    real = g.selected_features < n_active
-    out[real] = c.decoder_vecs[g.selected_features[real]]
-    if bool((~real).any()):  # residue: all unexpanded features of that (layer, pos)
-        chosen = torch.zeros(n_active, dtype=torch.bool)
-        chosen[g.selected_features[real]] = True
-        af = c.features
-        for i in torch.nonzero(~real, as_tuple=True)[0].tolist():
-            layer, pos = int(feats[i, 0]), int(feats[i, 1])
-            mask = (~chosen) & (af[:, 0] == layer) & (af[:, 1] == pos)
-            out[i] = c.decoder_vecs[mask].sum(0)
-    return feats[:, :2], out
 
 
 def row_functionals(result: Any, mlp_in: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
@@ -100,7 +84,7 @@ def _perturbed_sources(
     b = len(columns)
     embed = clean["embed"].expand(b, -1, -1).clone()
     mlp_out = clean["mlp_out"].expand(b, -1, -1, -1).clone()
-    loc, dec = _feature_vectors(result)
+    loc, dec = node_vectors(result)
     for i, j in enumerate(columns.tolist()):
         if j < lay.n_feat:
             mlp_out[i, loc[j, 0], loc[j, 1]] -= dec[j].to(mlp_out.device)
@@ -173,82 +157,20 @@ def conservation(result: Any) -> dict[str, float]:
     }
 
 
-def predicted_total_effects(result: Any, target: int = 0) -> torch.Tensor:
-    """Total effect of every node on target ``target`` through the graph: that target's row of
-    ``(I − A)^-1`` (1 at the target itself)."""
-    g = result.graph
-    effects = g.total_effects(target)
-    effects[g.n_nodes - g.n_targets + target] += 1.0
-    return effects.float().cpu()
-
-
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = a.argsort().argsort().double()
-    rb = b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
-
-
 @torch.no_grad()
 def ablation_spearman(result: Any, top: int = 30, target: int = 0) -> dict[str, Any]:
-    """Ablate each of the ``top`` feature/error nodes by total effect in the **unfrozen** model.
+    """Ablate each of the ``top`` feature/residue/error nodes by |total effect| in the
+    **unfrozen** model (the real transformer, everything downstream recomputed) and compare the
+    measured change of target ``target`` with the graph's prediction, minus the node's total
+    effect (:func:`~difract_ext.attribution.effects.total_effects`).
 
-    The real transformer runs at the step with the node's contribution subtracted from its MLP
-    output (then everything downstream recomputes: attention, LayerNorms, MLPs). Measured change of
-    the target vs the graph's predicted total effect (minus it): Spearman rank correlation.
+    Returns ``spearman``, ``pearson``, ``sign_agreement``, ``n`` and the ``measured`` and
+    ``predicted`` changes ``[n]``. Output and feature targets alike; the full report (several
+    perturbation sizes, which freeze leaks, node selection) is
+    :func:`~difract_ext.attribution.faithfulness.faithfulness_report`.
     """
-    model = result.model
-    lay = _layout(result)
-    spec = result.targets[target]
-    if spec.kind == "feature":
-        raise NotImplementedError("unfrozen ablation is implemented for output targets")
-    effects = predicted_total_effects(result, target)
-    cand = torch.arange(lay.n_feat + lay.n_layers * lay.n_pos)
-    order = cand[effects[cand].abs().argsort(descending=True)][:top]
-    loc, dec = _feature_vectors(result)
-    tf = model.frozen.flux
-    kwargs = model.step.transformer_kwargs()
-    n_txt, n_double = model.frozen.n_txt, model.frozen.n_double
-    patches = torch.tensor(spec.info["patches"])
-    u, scale = spec.info["direction"], spec.info["scale"]
-
-    def target_of(velocity: torch.Tensor) -> float:
-        # the target as the real model computes it (constant terms cancel in differences)
-        return float(scale * (velocity[0, patches].to(u.dtype) * u).sum())
-
-    base = target_of(tf(**kwargs, return_dict=False)[0])
-    measured, predicted = [], []
-    for j in order.tolist():
-        if j < lay.n_feat:
-            layer, pos, vec = int(loc[j, 0]), int(loc[j, 1]), dec[j]
-        else:
-            layer, pos = divmod(j - lay.n_feat, lay.n_pos)
-            vec = result.components.error_vectors[layer, pos]
-        if layer >= n_double:  # the MLP columns enter through proj_out, before the gate
-            hook = tf.single_transformer_blocks[layer - n_double].proj_out.register_forward_hook(
-                _ablate(pos, vec)
-            )
-        else:
-            module = (
-                tf.transformer_blocks[layer].ff_context
-                if pos < n_txt
-                else tf.transformer_blocks[layer].ff
-            )
-            local = pos if pos < n_txt else pos - n_txt
-            hook = module.register_forward_hook(_ablate(local, vec))
-        try:
-            measured.append(target_of(tf(**kwargs, return_dict=False)[0]) - base)
-        finally:
-            hook.remove()
-        predicted.append(-float(effects[j]))
-    m, p = torch.tensor(measured), torch.tensor(predicted)
-    return {"spearman": _spearman(m, p), "n": len(order), "measured": m, "predicted": p}
-
-
-def _ablate(pos: int, vec: torch.Tensor) -> Any:
-    def hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
-        out = out.clone()
-        out[:, pos] -= vec.to(out.device, out.dtype)
-        return out
-
-    return hook
+    effects = total_effects(result.graph).effects
+    nodes = top_nodes(result, effects[target], top)
+    out = ablation_agreement(result, nodes, effects, (1.0,), UNFROZEN)
+    m, p = out["measured"][0, :, target], out["predicted"][0, :, target]
+    return {**agreement(m, p), "measured": m, "predicted": p}

@@ -7,9 +7,10 @@ Target specs (``--target``), several allowed, each optionally weighted with ``=W
 - ``x0:red@left`` / ``velocity:#ff8800@top``: the predicted clean latent (or velocity) over a
   region (``all``, ``left``, ``right``, ``top``, ``bottom``) projected on a colour's direction in
   latent space (palette names of the shapes world, or ``#rrggbb``);
-- ``feature:img_1:123`` / ``feature:txt_0:7@all``: a transcoder feature's pre-activation (the site
-  in its one string form, ``STREAM_LAYER``, then the feature index; ``@all``, all positions, is
-  the only region a feature target has and may be left out).
+- ``feature:img_1:123`` / ``feature:txt_0:7@all`` / ``feature:img_1:123@argmax``: a transcoder
+  feature's pre-activation (the site in its one string form, ``STREAM_LAYER``, then the feature
+  index), summed over every position of the site's stream (``@all``, the default) or at the one
+  position where it is largest on this step (``@argmax``: DifFRACT's rooting).
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from typing import Any
 from difract_ext.flux.directions import colour_directions, region_patches
 from difract_ext.flux.sites import Site, check_stream
 from difract_ext.util.atomic import atomic_write_json
+from difract_ext.util.config import check_range
 
 logger = logging.getLogger(__name__)
 
 _OUTPUT = re.compile(
     r"^(?P<kind>x0|velocity):(?P<what>#[0-9a-fA-F]{6}|[a-z]+)@(?P<region>[a-z]+)(=(?P<w>[0-9.eE+-]+))?$"
 )
-_FEATURE = re.compile(r"^feature:(?P<site>[a-z]+_\d+):(?P<index>\d+)(@all)?(=(?P<w>[0-9.eE+-]+))?$")
+_FEATURE = re.compile(
+    r"^feature:(?P<site>[a-z]+_\d+):(?P<index>\d+)(@(?P<region>all|argmax))?(=(?P<w>[0-9.eE+-]+))?$"
+)
 _OLD_FEATURE = re.compile(
     r"^feature:(?P<layer>\d+)\.(?P<stream>[a-z]+)\.(?P<index>\d+)(?P<rest>.*)$"
 )
@@ -48,6 +52,9 @@ class TargetRequest:
     site: Site | None = None
     feature: int | None = None
     text: str = ""
+
+    def __post_init__(self) -> None:
+        check_range(f"weight of --target {self.text!r}", self.weight, low=0.0, low_open=True)
 
 
 def parse_target(spec: str) -> TargetRequest:
@@ -73,6 +80,7 @@ def parse_target(spec: str) -> TargetRequest:
             weight=float(m["w"] or 1.0),
             site=Site.parse(m["site"]),
             feature=int(m["index"]),
+            region=m["region"] or "all",
             text=spec,
         )
     m = _OLD_FEATURE.match(spec)
@@ -85,7 +93,7 @@ def parse_target(spec: str) -> TargetRequest:
     raise ValueError(
         f"cannot parse target {spec!r}; use KIND:COLOUR@REGION (KIND x0|velocity, COLOUR a palette "
         "name or #rrggbb, REGION all|left|right|top|bottom), e.g. x0:red@left, or "
-        "feature:SITE:INDEX, e.g. feature:img_1:123; append =W to weight it"
+        "feature:SITE:INDEX[@all|@argmax], e.g. feature:img_1:123; append =W to weight it"
     )
 
 
@@ -106,7 +114,7 @@ def build_targets(
     """A ``model -> [TargetSpec]`` factory for
     :func:`~difract_ext.adapters.attribution.attribute_step`.
     """
-    from difract_ext.replacement.targets import feature_target, output_target
+    from difract_ext.replacement.targets import feature_argmax, feature_target, output_target
 
     colours = {r.colour for r in requests if r.colour}
     named = {c: _rgb(c, palette) for c in colours}
@@ -124,13 +132,20 @@ def build_targets(
         specs = []
         for r in requests:
             if r.kind == "feature":
+                positions = None
+                if r.region == "argmax":
+                    mlp_in = model.clean["mlp_in"]
+                    positions = [
+                        feature_argmax(model.frozen, dictionaries, r.site, r.feature, mlp_in)  # type: ignore[arg-type]
+                    ]
                 specs.append(
                     feature_target(
                         model.frozen,
                         dictionaries,
-                        r.site,
-                        r.feature,
-                        weight=r.weight,  # type: ignore[arg-type]
+                        r.site,  # type: ignore[arg-type]
+                        r.feature,  # type: ignore[arg-type]
+                        positions=positions,
+                        weight=r.weight,
                         label=r.text,
                     )
                 )
@@ -169,6 +184,7 @@ def run_attribution(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     validate: bool = True,
+    faithfulness: Any = None,
     scan: str = "flux",
     **call: Any,
 ) -> dict[str, Any]:
@@ -177,10 +193,15 @@ def run_attribution(
     ``num_inference_steps`` and the pipeline keywords in ``call`` (``height``, ``width``,
     ``max_sequence_length``...) default to the pipeline's own (see ``capture_step_input``).
     ``scan`` names the transcoder set: circuit-tracer's ``Graph.scan`` and the graph files'
-    ``features/{scan}/`` folder.
+    ``features/{scan}/`` folder. ``validate``: check conservation and measure the faithfulness
+    report (:func:`~difract_ext.attribution.faithfulness.faithfulness_report` with
+    ``faithfulness``, a ``FaithfulnessConfig``; default: its defaults, about 12 s on the shapes
+    demo graph on 2 CPU cores).
 
     Returns a report (also written as ``{out_dir}/{slug}.report.json``): slug, graph path,
-    node counts, replacement/completeness scores, conservation error, unfrozen ablation Spearman.
+    node counts, replacement/completeness scores and, when validated, the conservation error,
+    ``faithfulness`` (with its flat ``summary``) and ``unfrozen_ablation_spearman`` (its
+    full-ablation Spearman of the first target, when full ablation is among its sizes).
     """
     from difract_ext.adapters.attribution import attribute_step
     from difract_ext.attribution import validation
@@ -239,13 +260,15 @@ def run_attribution(
         },
     }
     if validate:
+        from difract_ext.attribution.faithfulness import faithfulness_report
+
         report["conservation"] = validation.conservation(result)
-        if result.targets[0].kind != "feature":
-            abl = validation.ablation_spearman(
-                result, top=min(30, len(result.graph.selected_features))
-            )
-            report["unfrozen_ablation_spearman"] = abl["spearman"]
-            report["unfrozen_ablation_nodes"] = abl["n"]
+        faith = faithfulness_report(result, faithfulness)
+        report["faithfulness"] = faith
+        full = faith["targets"][0].get("ablation", {}).get("100%")
+        if full is not None:
+            report["unfrozen_ablation_spearman"] = full["spearman"]
+            report["unfrozen_ablation_nodes"] = full["n"]
     image = captured.images[0]
     slug = _slug(prompt, seed, step, targets)
     path = write_graph_files(
@@ -257,6 +280,7 @@ def run_attribution(
         edge_threshold=edge_threshold,
         image=image,
         scan=scan,
+        target_values=report["target_values"],  # shown in the targets' labels
     )
     report["slug"], report["graph_file"] = slug, str(path)
     atomic_write_json(Path(out_dir) / f"{slug}.report.json", report)
@@ -358,5 +382,12 @@ def demo_graph(
     pipe = load_shapes_pipeline()  # carries its own call defaults (32 px, 16 tokens, 4 steps)
     dictionaries = load_shapes_dictionaries()
     return run_attribution(
-        pipe, prompt, step, list(targets), dictionaries, out_dir, max_feature_nodes=1500
+        pipe,
+        prompt,
+        step,
+        list(targets),
+        dictionaries,
+        out_dir,
+        max_feature_nodes=1500,
+        scan="shapes",  # the shipped transcoders: their dashboards' scan (nodes get labels)
     )

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from difract_ext.cli.argtypes import nonnegative_int, number_in, port, positive_int
+from difract_ext.cli.argtypes import nonnegative_int, number_in, port, positive_int, seed
+from difract_ext.cli.pages_job import add_pages_commands
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
@@ -25,12 +26,14 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         max_sequence_length=args.max_sequence_length,
         num_inference_steps=args.steps,
     )
+    scan = "flux"  # names the transcoder set (feature files, dashboards)
     if args.transcoders:
         dictionaries = load_dictionary_dir(args.transcoders, role="transcoder")
     elif args.model == "shapes":
         from difract_ext.adapters.checkpoints import load_shapes_dictionaries
 
         dictionaries = load_shapes_dictionaries()
+        scan = "shapes"  # the shipped transcoders: their shipped dashboards label the nodes
     else:
         raise ValueError("give --transcoders DIR for a model other than the shipped shapes model")
     if args.estimate:
@@ -66,6 +69,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold,
         validate=not args.no_validate,
+        scan=scan,
         **call,
     )
     print(json.dumps(report, indent=2, default=str))
@@ -80,10 +84,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"{args.dir}: no such graph folder (write one with `difract attribute --out DIR`)"
         )
+    # an empty folder: `serve` logs a warning saying so
     serve_forever(
         args.dir,
         port=args.port,
         ready=lambda server: print(f"serving {args.dir} at {server.url} (Ctrl-C to stop)"),
+        dashboards=args.dashboards or (),
     )
     return 0
 
@@ -98,7 +104,7 @@ def add_graph_commands(sub: Any) -> None:
             "(frozen attention and LayerNorms, transcoders folded at the step's t, error nodes), "
             "attribute the targets with circuit-tracer's algorithm (graph stored by rows; "
             "--estimate predicts memory first), validate (conservation, "
-            "unfrozen ablation), and write OUT/{slug}.json, OUT/{slug}.png, "
+            "faithfulness report), and write OUT/{slug}.json, OUT/{slug}.png, "
             "OUT/{slug}.report.json and OUT/graph-metadata.json."
         ),
     )
@@ -130,7 +136,7 @@ def add_graph_commands(sub: Any) -> None:
         help="folder of SAELens transcoder folders or DifFRACT .pt files "
         "(default for the shapes model: its shipped transcoders)",
     )
-    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--seed", type=seed, default=0, help="generator seed")
     p.add_argument(
         "--steps",
         type=positive_int,
@@ -184,7 +190,7 @@ def add_graph_commands(sub: Any) -> None:
         help="pruning: cumulative edge influence kept",
     )
     p.add_argument(
-        "--no-validate", action="store_true", help="skip conservation and ablation checks"
+        "--no-validate", action="store_true", help="skip conservation and faithfulness checks"
     )
     p.set_defaults(func=_cmd_attribute)
 
@@ -197,4 +203,12 @@ def add_graph_commands(sub: Any) -> None:
     )
     s.add_argument("dir", metavar="DIR", help="folder written by `difract attribute`")
     s.add_argument("--port", type=port, default=8041, help="port on 127.0.0.1 (default 8041)")
+    s.add_argument(
+        "--dashboards",
+        action="append",
+        metavar="DASH",
+        help="a feature-dashboard folder (`difract dashboards`) to show in the feature pane; "
+        "repeatable (default: DIR/dashboards/* and the shipped shapes dashboards)",
+    )
     s.set_defaults(func=_cmd_serve)
+    add_pages_commands(sub)  # dashboards-page, dashboard-png

@@ -12,9 +12,11 @@ from pathlib import Path
 from difract_ext.cli.argtypes import (
     nonnegative_number,
 )
+from difract_ext.cli.dashboards_job import add_dashboards_parser, copy_shipped_dashboards
 from difract_ext.cli.errors import error_line, foreseen
 from difract_ext.cli.graphs import add_graph_commands
 from difract_ext.cli.options import add_eval_parser, add_harvest_parser, add_train_parser
+from difract_ext.cli.steer_job import add_steer_parser
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -42,6 +44,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from difract_ext.cli.attribution_job import DEMO_PROMPT, demo_graph
 
     graphs = Path(args.out) / "graphs"
+    dash = copy_shipped_dashboards(graphs / "dashboards" / "shapes")
+    print(f"feature dashboards: {dash}" if dash else "no shipped dashboards to copy")
     report = demo_graph(graphs)
     print(
         f"attribution graph of step 1 of {DEMO_PROMPT!r}, "
@@ -233,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub).set_defaults(func=_cmd_train)
     add_eval_parser(sub).set_defaults(func=_cmd_eval)
     add_graph_commands(sub)
+    add_dashboards_parser(sub)
+    add_steer_parser(sub)
     for command in sub.choices.values():  # `difract CMD ... --debug` works too
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
@@ -246,6 +252,7 @@ _DEBUG_HELP = "show the full traceback of an error instead of one line"
 _KEPT = {
     "harvest": "finished units are kept",
     "train": "training state up to the last finished step is kept in OUT/checkpoint",
+    "dashboards": "finished chunks are kept in OUT/.scan",
 }
 
 

@@ -18,8 +18,12 @@ replaces what assumes a language model:
 - error nodes get the fixed ``{layer}_-1_{pos}`` id (circuit-tracer issue #78), and
   unexplored-feature residue nodes (feature id :data:`RESIDUE_FEATURE`) their own
   ``feature_type`` (:data:`RESIDUE_FEATURE_TYPE`) and id ``{layer}_-2_{pos}``;
-- features are labelled by their site's string form and their index in its dictionary
-  (``"img_1 #123"``), targets as ``Output "label" (p=w)``, the form the UI parses.
+- feature nodes carry ``"difract": {"site", "stream", "layer", "feature", "position", "token",
+  "patch"}`` (:func:`~difract_ext.graphs.dashlinks.feature_fields`) and are labelled (``clerp``)
+  by their dashboard's concept label when dashboards for the graph's scan exist, else by their
+  site and index (``"img_1 #123"``); target nodes carry ``"difract_target": {"label", "value",
+  "weight"}`` and are labelled ``Target "x0·red @ left" = +1.234`` (their value when known; the
+  weight among several targets otherwise), not circuit-tracer's ``(p=...)``.
 
 All ids use the *true* position, so they stay stable when pruning changes. The metadata also
 carries the run (prompt, seed, step, timestep, grid) and, when given, the generated image as a
@@ -45,6 +49,12 @@ import torch
 from difract_ext.attribution.graph_meta import RESIDUE_FEATURE, GraphMeta
 from difract_ext.attribution.row_graph import RowGraph, TargetNode
 from difract_ext.flux.sites import Site
+from difract_ext.graphs.dashlinks import (
+    dashboard_label,
+    feature_fields,
+    find_dashboards,
+    open_dashboards,
+)
 from difract_ext.graphs.features import write_step_feature_files
 from difract_ext.graphs.schema import (
     ERROR_FEATURE_TYPE,
@@ -62,6 +72,8 @@ if TYPE_CHECKING:
     from circuit_tracer.graph import Graph
     from PIL.Image import Image
 
+    from difract_ext.dashboards.store import DashboardStore
+
 logger = logging.getLogger(__name__)
 
 __all__ = [  # the frontend's vocabulary lives in graphs.schema and is re-exported here
@@ -70,6 +82,7 @@ __all__ = [  # the frontend's vocabulary lives in graphs.schema and is re-export
     "GRAPH_METADATA_FILE",
     "RESIDUE_FEATURE_TYPE",
     "TARGET_COLUMN_LABEL",
+    "apply_dashboards",
     "as_row_graph",
     "build_graph_json",
     "feature_label",
@@ -92,8 +105,19 @@ def feature_label(meta: GraphMeta, layer: int, feature: int) -> str:
 
 
 def target_label(label: str) -> str:
-    """A target label the UI can parse out of ``Output "label" (p=...)``: no double quotes."""
+    """A target label the UI can read between the first double quotes: no double quotes."""
     return label.replace('"', "'").replace("\n", " ")
+
+
+def target_clerp(label: str, value: float | None, weight: float, n_targets: int) -> str:
+    """``Target "x0·red @ left" = +1.234``: what the target is (region × direction) and its
+    value at this step; without a value, its weight among several targets (``w=0.50``)."""
+    text = f'Target "{target_label(label)}"'
+    if value is not None:
+        text += f" = {value:+.4g}"
+    if n_targets > 1:
+        text += f" (w={weight:.2f})"
+    return text
 
 
 def title_prefix(meta: GraphMeta) -> str:
@@ -166,7 +190,12 @@ def _check_layout(graph: RowGraph, meta: GraphMeta) -> None:
         raise ValueError(f"{len(meta.target_labels)} target labels for {n_targets} targets")
 
 
-def _relabel_nodes(graph: RowGraph, meta: GraphMeta, nodes: dict[int, Node]) -> dict[int, Node]:
+def _relabel_nodes(
+    graph: RowGraph,
+    meta: GraphMeta,
+    nodes: dict[int, Node],
+    target_values: list[float] | None = None,
+) -> dict[int, Node]:
     """Rewrite circuit-tracer's LLM-style nodes into difract ids, types and labels.
 
     Returns a new dict keyed by node index (:func:`_used_nodes_and_edges` builds the
@@ -207,12 +236,36 @@ def _relabel_nodes(graph: RowGraph, meta: GraphMeta, nodes: dict[int, Node]) -> 
         else:
             k = idx - token_end
             label = meta.target_labels[k] if meta.target_labels else graph.logit_targets[k][0]
-            prob = float(graph.logit_probabilities[k])
-            node = node.model_copy(
-                update={"clerp": f'Output "{target_label(label)}" (p={prob:.3f})'}
-            )
+            weight = float(graph.logit_probabilities[k])
+            value = None if target_values is None else float(target_values[k])
+            n_targets = len(graph.logit_targets)
+            node = node.model_copy(update={"clerp": target_clerp(label, value, weight, n_targets)})
         out[idx] = node
     return out
+
+
+def _store_scan(store: DashboardStore | None) -> str | None:
+    return None if store is None else store.scan
+
+
+def _add_difract_fields(
+    nodes: list[dict[str, Any]],
+    meta: GraphMeta,
+    store: DashboardStore | None,
+    targets: dict[str, dict[str, Any]],
+) -> None:
+    """Add ``"difract"`` (feature nodes; ``clerp`` = dashboard label when there is one) and
+    ``"difract_target"`` (target nodes) to the node dicts, in place."""
+    for node in nodes:
+        if node["feature_type"] == FEATURE_TYPE:
+            layer, feat, pos = (int(v) for v in node["node_id"].split("_"))
+            fields = feature_fields(meta, layer, feat, pos)
+            node["difract"] = fields
+            label = dashboard_label(store, fields["site"], fields["feature"])
+            if label:
+                node["clerp"] = label
+        elif node["feature_type"] == "logit":
+            node["difract_target"] = targets[node["node_id"]]
 
 
 def _true_position(node: Node) -> int | None:
@@ -241,6 +294,8 @@ def build_graph_json(
     edge_threshold: float = 0.98,
     scan: str | None = None,
     image_file: str | None = None,
+    dashboards: DashboardStore | None = None,
+    target_values: list[float] | None = None,
 ) -> dict[str, Any]:
     """The graph JSON (``{metadata, qParams, nodes, links}``) as a dict; see module docstring.
 
@@ -254,6 +309,9 @@ def build_graph_json(
         scan: transcoder-set name for feature files (``{data}/features/{scan}/{id}.json``);
             defaults to ``meta.model_name``.
         image_file: name of the image file beside the JSON, if any.
+        dashboards: the feature dashboards of this graph's dictionaries: feature nodes are
+            labelled by ``dashboards.label`` and ``metadata.dashboards`` names their scan.
+        target_values: the targets' values at this step (shown in their labels).
 
     Returns:
         A JSON-serialisable dict that circuit-tracer's ``frontend.graph_models.Model`` parses.
@@ -275,9 +333,28 @@ def build_graph_json(
         logit_targets=work.logit_targets,
         logit_probabilities=work.logit_probabilities,
     )
+    if target_values is not None and len(target_values) != len(work.logit_targets):
+        raise ValueError(
+            f"{len(target_values)} target values for {len(work.logit_targets)} targets"
+        )
     nodes = _relabel_nodes(
-        work, meta, create_nodes(view, pruned.node_mask, None, pruned.cumulative_scores)
+        work,
+        meta,
+        create_nodes(view, pruned.node_mask, None, pruned.cumulative_scores),
+        target_values,
     )
+    token_end = len(work.selected_features) + work.n_pos * (work.n_layers + 1)
+    targets = {
+        node.node_id: {
+            "label": meta.target_labels[idx - token_end]
+            if meta.target_labels
+            else str(work.logit_targets[idx - token_end][0]),
+            "value": None if target_values is None else float(target_values[idx - token_end]),
+            "weight": float(work.logit_probabilities[idx - token_end]),
+        }
+        for idx, node in nodes.items()
+        if idx >= token_end
+    }
     used_nodes, used_edges = _used_nodes_and_edges(work, nodes, pruned.edge_mask)
 
     connected = {e["source"] for e in used_edges} | {e["target"] for e in used_edges}
@@ -316,6 +393,7 @@ def build_graph_json(
     qparams = QParams(pinnedIds=[], supernodes=[], linkType="both", clickedId="", sg_pos="")
     model = Model(metadata=metadata, qParams=qparams, nodes=used_nodes, links=used_edges)
     data = model.model_dump()
+    _add_difract_fields(data["nodes"], meta, dashboards, targets)
     data["metadata"].update(
         title_prefix=title_prefix(meta),
         model_name=meta.model_name,
@@ -333,6 +411,7 @@ def build_graph_json(
         edge_threshold=edge_threshold,
         image=image_file,
         positions=_positions_block(meta, kept),
+        dashboards=_store_scan(dashboards),
         extra=meta.extra,
     )
     return data
@@ -372,6 +451,8 @@ def write_graph_files(
     scan: str | None = None,
     image_max_side: int | None = 512,
     feature_files: bool = True,
+    dashboards: DashboardStore | str | Path | None | bool = True,
+    target_values: list[float] | None = None,
 ) -> Path:
     """Prune ``graph`` and write ``{out_dir}/{slug}.json`` (+ ``{slug}.png``) for the frontend.
 
@@ -392,6 +473,10 @@ def write_graph_files(
         feature_files: also write ``features/{scan}/{id}.json`` for every feature node, with this
             step's activations over all positions (what the frontend shows on a click; see
             :mod:`difract_ext.graphs.features`). A later graph with the same scan replaces them.
+        dashboards: a ``DashboardStore`` or its folder; ``True`` (default) finds them
+            (:func:`~difract_ext.graphs.dashlinks.find_dashboards`: ``out_dir/dashboards/{scan}``
+            or shipped ones of that scan or model); ``False``/``None``: no dashboards.
+        target_values: the targets' values at this step, shown in their labels.
 
     Returns:
         The path of the graph JSON.
@@ -404,7 +489,21 @@ def write_graph_files(
         image_file = f"{slug}.png"
         atomic_write_bytes(out / image_file, image_png_bytes(image, image_max_side))
     work = as_row_graph(graph)
-    data = build_graph_json(work, meta, slug, node_threshold, edge_threshold, scan, image_file)
+    if dashboards is True:
+        found = find_dashboards(out, scan or meta.model_name, meta.model_name)
+        dashboards = found
+    store = open_dashboards(dashboards or None)
+    data = build_graph_json(
+        work,
+        meta,
+        slug,
+        node_threshold,
+        edge_threshold,
+        scan,
+        image_file,
+        dashboards=store,
+        target_values=target_values,
+    )
     path = out / f"{slug}.json"
     atomic_write_bytes(path, json.dumps(data, separators=(",", ":")).encode())
     upsert_graph_metadata(out, graph_metadata_entry(data["metadata"]))
@@ -461,3 +560,32 @@ def upsert_graph_metadata(out_dir: str | Path, entry: dict[str, Any]) -> Path:
         index["graphs"] = [g for g in index["graphs"] if g.get("slug") != slug] + [entry]
         atomic_write_json(path, index)
     return path
+
+
+def apply_dashboards(path: str | Path, dashboards: DashboardStore | str | Path) -> int:
+    """Label the feature nodes of an existing graph file from dashboards built after it.
+
+    Sets each feature node's ``clerp`` to ``dashboards.label`` (or back to ``"img_1 #123"``
+    without one) and ``metadata.dashboards`` to their scan, in ``{slug}.json`` and in
+    ``graph-metadata.json`` (both replaced atomically).
+
+    Returns:
+        The number of feature nodes that got a label.
+    """
+    path = Path(path)
+    store = open_dashboards(dashboards)
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or "nodes" not in data or "metadata" not in data:
+        raise ValueError(f"{path} is not a graph file (no 'nodes' and 'metadata')")
+    n = 0
+    for node in data["nodes"]:
+        fields = node.get("difract")
+        if node.get("feature_type") != FEATURE_TYPE or not fields:
+            continue
+        label = dashboard_label(store, fields["site"], fields["feature"])
+        node["clerp"] = label or f"{fields['site']} #{fields['feature']}"
+        n += label is not None
+    data["metadata"]["dashboards"] = _store_scan(store)
+    atomic_write_bytes(path, json.dumps(data, separators=(",", ":")).encode())
+    upsert_graph_metadata(path.parent, graph_metadata_entry(data["metadata"]))
+    return n

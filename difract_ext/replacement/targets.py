@@ -7,8 +7,9 @@ MLP inputs ``blocks.{l}.mlp.hook_in``. Attribution injects the vectors ``v_p`` a
 - :func:`output_target`: the predicted velocity (or clean latent ``x0 = x_t − t·v``) over a
   region of image patches, projected on a direction of the transformer's output channels, e.g.
   "how red is the left object": ``Σ_{p∈R} u · v_p``;
-- :func:`feature_target`: a transcoder feature's pre-activation, summed over positions
-  (DifFRACT's only mode).
+- :func:`feature_target`: a transcoder feature's pre-activation at the listed positions, summed
+  (default: every position of the site's stream). DifFRACT roots a graph at one position, the
+  feature's argmax (:func:`feature_argmax`); pass ``positions=[p]`` for that.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from difract_ext.flux.sites import Site
+from difract_ext.util.config import check_range
 
 
 @dataclass
@@ -41,6 +43,9 @@ class TargetSpec:
     offset: float = 0.0
     kind: str = "velocity"
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_range(f"weight of target {self.label!r}", self.weight, low=0.0, low_open=True)
 
     def functional(self, mlp_in: torch.Tensor, resid_final: torch.Tensor) -> torch.Tensor:
         """The injected functional (without offset) on a batch of states.
@@ -159,7 +164,8 @@ def feature_target(
     Args:
         site: the dictionary's ``(layer, stream)``.
         feature: index inside that dictionary.
-        positions: joint positions (default: every position of the site's stream).
+        positions: joint positions (default: every position of the site's stream, summed; one
+            position, e.g. :func:`feature_argmax`, roots the graph there as DifFRACT does).
     """
     dic = dictionaries[site]
     if not 0 <= feature < dic.cfg.d_sae:
@@ -183,3 +189,17 @@ def feature_target(
         kind="feature",
         info={"layer": site.layer, "stream": site.stream, "feature": feature},
     )
+
+
+def feature_argmax(
+    frozen: Any, dictionaries: dict[Site, Any], site: Site, feature: int, mlp_in: torch.Tensor
+) -> int:
+    """The joint position of the site's stream where the feature's pre-activation is largest.
+
+    Args:
+        mlp_in: ``[L, P, d]`` the step's clean MLP inputs (``AttributionStep.clean["mlp_in"]``).
+    """
+    spec = feature_target(frozen, dictionaries, site, feature)
+    (layer, pos, vecs) = spec.injections[0]
+    pre = (mlp_in[layer, pos] * vecs.to(mlp_in.device, mlp_in.dtype)).sum(-1)
+    return int(pos[int(pre.argmax())])

@@ -1,9 +1,11 @@
 window.initCgLinkGraph = function({visState, renderAll, data, cgSel}){
   var {nodes, links, metadata} = data
 
+  // difract-ext: nodes laid out by band (layer × stream) and position group, see
+  // difract/difract-util.js; every band labelled; no two nodes share a spot
   var c = d3.conventions({
     sel: cgSel.select('.link-graph').html(''),
-    margin: {left: visState.isHideLayer ? 0 : 30, bottom: 85},
+    margin: {left: 52, bottom: 100, top: 30, right: 40},
     layers: 'sccccs',
   })
   
@@ -16,80 +18,33 @@ window.initCgLinkGraph = function({visState, renderAll, data, cgSel}){
   }
   c.svg = c.layers[5]
 
-  // Count max number of nodes at each context to create a polylinear x scale
-  var earliestCtxWithNodes = d3.min(nodes, d => d.ctx_idx)
-  var cumsum = 0
-  var ctxCounts = d3.range(d3.max(nodes, d => d.ctx_idx) + 1).map(ctx_idx => {
-    if (ctx_idx >= earliestCtxWithNodes) {
-      var group = nodes.filter(d => d.ctx_idx === ctx_idx)
-      var maxCount = d3.max([1, d3.max(d3.nestBy(group, d => d.streamIdx), e => e.length)])
-      cumsum += maxCount
-    }
-    return {ctx_idx, maxCount, cumsum}
-  })
-
-  var xDomain = [-1].concat(ctxCounts.map(d => d.ctx_idx))
-  var xRange = [0].concat(ctxCounts.map(d => d.cumsum * c.width / cumsum))
-  c.x = d3.scaleLinear().domain(xDomain.map(d => d + 1)).range(xRange)
-  
-  // TODO: why this was here?
-  // var yNumTicks= visState.isHideLayer ? data.byStream.length : 19 
-  var logitLayer = data.byStream.find(d => d[0].feature_type == 'logit');
-  var yNumTicks = (logitLayer ? parseInt(logitLayer[0].layer) : 26) + 2; // +2 to account for embedding at 0 and layers starting at 1
-
-  c.y = d3.scaleBand(d3.range(yNumTicks), [c.height, 0])
-
-  c.yAxis = d3.axisLeft(c.y)
-    .tickValues(d3.range(yNumTicks))
-    .tickFormat(i => {
-      if (i % 2) return
-      
-      return i == yNumTicks - 1 ? 'Lgt' : i == 0 ? 'Emb' : 'L' + (i - 1) // Subtract 1 from layer numbers
-    })
-  
+  var lay = difract.layout(nodes, metadata, c.width, c.height)
   c.svgBot.append('rect').at({width: c.width, height: c.height, fill: '#F5F4EE'})
-  c.svgBot.append('g').appendMany('rect', [0, yNumTicks - 1])
-    .at({width: c.width, height: c.y.bandwidth(), y: c.y, fill: '#F0EEE7'})
-  
-  c.svgBot.append('g').appendMany('path', d3.range(-1, yNumTicks - 1))
-    .translate(d => [0, c.y(d + 1)])
-    .at({d: `M0,0H${c.width}`, stroke: 'white', strokeWidth: .5})
-  
-  c.drawAxis(c.svgBot)
-  c.svgBot.select('.x').remove()
-  c.svgBot.selectAll('.y line').remove()
-  if (visState.isHideLayer) c.svgBot.select('.y').remove()
-  
-  // Spread nodes across each context 
-  // d.width is the total amount of px space in each column
-  ctxCounts.forEach((d, i) => d.width = c.x(d.ctx_idx + 1) - c.x(ctxCounts[i].ctx_idx))
-  
-  // if default to 8px padding right, if pad right to center singletons 
-  var padR = Math.min(8, d3.min(ctxCounts.slice(1), d => d.width/2)) + 0
-  
-  // find the tightest spacing between nodes and use for all ctx (but don't go below 20)
-  ctxCounts.forEach(d => d.minS = (d.width - padR)/d.maxCount)
-  var overallS = Math.max(20, d3.min(ctxCounts, d => d.minS))
+  c.svgBot.append('g').appendMany('rect.difract-band', lay.bands)
+    .at({y: d => d.y0, width: c.width, height: d => d.height,
+      fill: (d, i) => d.key === 'emb' || d.key === 'targets' ? '#F0EEE7' : i % 2 ? '#F5F4EE' : '#EDEBE3'})
+  c.svgBot.append('g').appendMany('rect.difract-group', lay.groups.filter((g, i) => i % 2))
+    .at({x: d => d.x0, width: d => d.width, height: c.height, fill: 'rgba(255,255,255,.35)'})
 
-  // apply to nodes
-  d3.nestBy(nodes, d => [d.ctx_idx, d.streamIdx].join('-')).forEach(ctxLayer => {
-    var ctxWidth = c.x(ctxLayer[0].ctx_idx + 1) - c.x(ctxLayer[0].ctx_idx) - padR
-    var s = Math.min(overallS, ctxWidth/ctxLayer.length)
-    
-    // sorting by pinned stacks all the links on top of each other
-    // ctxLayer = d3.sort(ctxLayer, d => visState.pinnedIds.includes(d.nodeId) ? -1 : 1)
-    ctxLayer = d3.sort(ctxLayer, d => -d.logitPct)
-    ctxLayer.forEach((d, i) => {
-      d.xOffset = d.feature_type === 'logit' ? ctxWidth - (padR/2 + i*s) : ctxWidth - (padR/2 + i*s)
-      d.yOffset = 0
-    })
+  var bandTicks = lay.bands.map(b => ({...b, mid: (b.y0 + b.y1) / 2}))
+  difract.thinLabels(bandTicks.slice().reverse(), d => d.mid, 11)
+  c.svgBot.append('g.axis.difract-bands').appendMany('text.difract-band-label', bandTicks)
+    .at({x: -6, y: d => d.mid, textAnchor: 'end', dominantBaseline: 'middle', fontSize: 10})
+    .st({display: d => d.keep ? null : 'none'})
+    .text(d => d.label)
+  // difract-ext: what the glyphs and colours mean
+  var legendItems = [['●', 'feature'], ['◆', 'error'], ['▲', 'unexplored residue'],
+    ['■', 'input (Emb) / target'], ['', 'edges and fills: green +, purple −, to/from the clicked node']]
+  var legendSel = c.svgBot.append('g.difract-graph-legend').translate([0, -16])
+  var lx = 0
+  legendItems.forEach(([glyph, text]) => {
+    var item = legendSel.append('text').translate([lx, 0]).at({fontSize: 11, fill: '#555'})
+    if (glyph) item.append('tspan').text(glyph + ' ').at({stroke: '#000', strokeWidth: .5, fill: '#fff'})
+    item.append('tspan').text(text)
+    lx += item.node().getComputedTextLength() + 16
   })
-  nodes.forEach(d => d.pos = [
-    c.x(d.ctx_idx) + d.xOffset, 
-    c.y(d.streamIdx) + c.y.bandwidth()/2 + d.yOffset
-  ])
-
-  
+  document.body.dataset.difractFontSize = String(lay.fontSize)
+  document.body.dataset.difractGrouped = lay.grouped ? '1' : ''
   // hover poitns
   var maxHoverDistance = 30
   c.sel
@@ -148,7 +103,7 @@ window.initCgLinkGraph = function({visState, renderAll, data, cgSel}){
     .translate(d => d.pos)
     .text(d => utilCg.featureTypeToText(d.feature_type))
     .at({
-      fontSize: 9,
+      fontSize: lay.fontSize,  // difract-ext: sized to the layout's spacing
       fill: d => d.nodeColor,
       stroke: '#000',
       strokeWidth: .5,
@@ -160,7 +115,7 @@ window.initCgLinkGraph = function({visState, renderAll, data, cgSel}){
 
   var hoverSel = c.svg.appendMany('circle', nodes)
     .translate(d => d.pos)
-    .at({r: 6, cy: .5, stroke: '#f0f', strokeWidth: 2, strokeDasharray: '2 2', fill: 'none', display: 'xnone', pointEvents: 'none'})
+    .at({r: lay.fontSize * 0.7, cy: .5, stroke: '#f0f', strokeWidth: 2, strokeDasharray: '2 2', fill: 'none', display: 'xnone', pointEvents: 'none'})
 
   links.forEach(d => {
     var [x1, y1] = d.sourceNode.pos
@@ -256,52 +211,36 @@ window.initCgLinkGraph = function({visState, renderAll, data, cgSel}){
   }
 
   // Add x axis text/lines
-  var promptTicks = data.metadata.prompt_tokens.slice(earliestCtxWithNodes).map((token, i) =>{
-    var ctx_idx = i + earliestCtxWithNodes 
-    var mNodes = nodes.filter(d => d.ctx_idx == ctx_idx)
-    var hasEmbed = mNodes.length > 0  // difract-ext: label every shown position (text token or image patch)
-    return {token, ctx_idx, mNodes, hasEmbed}
-  })
-
+  // difract-ext: one label per shown position (or position group when they are too many), every
+  // label kept only where it does not collide with the previous one; the hidden ones stay in the
+  // DOM (display none) and show in the node tooltip
+  var promptTicks = lay.groups.filter(g => g.kind !== 'targets').map(g => ({
+    token: g.label, mid: g.x0 + g.width / 2, x0: g.x0, x1: g.x0 + g.width, group: g,
+  }))
+  difract.thinLabels(promptTicks, d => d.mid, 13)
   var xTickSel = c.svgBot.appendMany('g.prompt-token', promptTicks)
-    .translate(d => [c.x(d.ctx_idx + 1), c.height])
-  
-  xTickSel.append('path').at({d: `M0,0v${-c.height}`, stroke: '#fff',strokeWidth: 1})
-  xTickSel.filter(d => d.hasEmbed).append('path').at({
-    stroke: '#B0AEA6',
-    d: `M-${padR + 3.5},${-c.y.bandwidth()/2 + 6}V${8}`,
-  })
-  
-  xTickSel.filter(d => d.hasEmbed).append('g').translate([-12, 8])
-    .append('text').text(d => d.token) 
+    .translate(d => [d.mid, c.height])
+  xTickSel.append('path').at({d: d => `M${d.x0 - d.mid},2H${d.x1 - d.mid}`, stroke: '#B0AEA6'})
+  xTickSel.append('text').text(d => d.token)
     .at({
-      x: -5,
-      y: 2,
+      x: -6,
+      y: 0,
       textAnchor: 'end',
-      transform: 'rotate(-45)',
+      transform: 'rotate(-90)',
       dominantBaseline: 'middle',
-      fontSize: 12,
-      // fontSize: (d, i) => c.x(i+1) - c.x(i) < 15 ? 9 : 14,
+      fontSize: 10,
     })
-  
+    .st({display: d => d.keep ? null : 'none'})
+    .classed('collided', d => !d.keep)
+  xTickSel.append('title').text(d => d.group.members.length > 1
+    ? d.token + ' (' + d.group.members.length + ' positions)' : d.token)
+
+  // difract-ext: targets labelled by what they are (region × direction) and their value
   var logitTickSel = c.svgBot.append('g.axis').appendMany('g', nodes.filter(d => d.feature_type == 'logit'))
     .translate(d => d.pos)
-  logitTickSel.append('path').at({
-    stroke: '#B0AEA6',
-    d: `M0,${-6}V${-c.y.bandwidth()/2 - 6}`,
-  })
-  logitTickSel.append('g').translate([-5, -c.y.bandwidth()/2 - 8])
-    .append('text').text(d => d.logitToken) 
-    .at({
-      x: 5,
-      y: 2,
-      textAnchor: 'start',
-      transform: 'rotate(-45)',
-      dominantBaseline: 'middle',
-      fontSize: 12,
-      // fontSize: (d, i) => c.x(i+1) - c.x(i) < 15 ? 9 : 14,
-    })
-
+  logitTickSel.append('text.difract-target-label').text(d => d.clerp)
+    .at({x: -lay.fontSize, y: 0, textAnchor: 'end', dominantBaseline: 'middle', fontSize: 12})
+    .st({fill: '#333'})
 
   utilCg.addPinnedClickedGradient(c.svg)
 }

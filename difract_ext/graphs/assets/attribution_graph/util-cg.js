@@ -113,7 +113,6 @@ window.utilCg = (function(){
     if (params) {
       const [node, hClerp] = params;
       const scan = data.metadata.scan?.startsWith('custom-') ? data.metadata.transcoder_list[node.layer] : data.metadata.scan;
-      console.log(`Updating clerp for node ${node.featureId} in scan ${scan}:`, hClerp)
       const localClerps = getHClerpsFromLocalStorage(scan);
       localClerps.set(clerpUUID(node), hClerp)
       saveHClerpsToLocalStorage(localClerps, scan);
@@ -132,6 +131,11 @@ window.utilCg = (function(){
       if (!feature) return
       node.localClerp = feature.localClerp
       node.ppClerp = feature.ppClerp
+      // difract-ext: one name per node everywhere (site #index @ position "label")
+      if (window.difract && data.metadata.positions) {
+        node.ppClerp = difract.name(node, data.metadata, node.localClerp)
+        feature.ppClerp = node.ppClerp
+      }
     })
 
     // Save clerps to url param
@@ -253,7 +257,8 @@ window.utilCg = (function(){
       // TODO: switch to featureIndex in graphgen
       d.featureIndex = d.feature
       d.nodeId = d.node_id
-      if (d.feature_type == 'logit' && d.clerp) d.logitPct= +d.clerp.split('(p=')[1].split(')')[0]
+      // difract-ext: targets carry their weight in difract_target, not in a "(p=...)" label
+      if (d.feature_type == 'logit') d.logitPct = d.difract_target ? +d.difract_target.weight : +(d.clerp?.split('(p=')[1]?.split(')')[0] ?? 1)
       idToNode[d.nodeId] = d
       py_node_id_to_node[d.node_id] = d
     })
@@ -271,7 +276,6 @@ window.utilCg = (function(){
         })
       }
     })
-    if (deletedFeatures.length) console.log({deletedFeatures})
     nodes = nodes.filter(d => idToNode[d.nodeId])
     nodes = d3.sort(nodes, d => +d.layer)
 
@@ -458,7 +462,6 @@ window.utilCg = (function(){
   }
 
   function clickFeature(visState, renderAll, d, metaKey){
-    console.log(d)
     if (d.nodeId.includes('supernode-')) return
     
     if (metaKey && visState.isEditMode) {

@@ -92,7 +92,7 @@ window.initFeatureExamples = function({containerSel, showLogits=true, showExampl
       var feature = await  util.getFile(`./features/${scan}/${featureIndex}.json`)
     }
     } catch (exc) {
-      console.warn(`no feature file for ${scan} ${featureIndex}`, exc)
+      // difract-ext: a missing feature file is shown as such, not logged
       var feature = {isDead: true, examples_quantiles: [], top_logits: [], bottom_logits: []}
     }
 

@@ -1,0 +1,31 @@
+"""Where the shapes model's shipped dashboards are.
+
+``difract_ext/toy/dictionaries/dashboards/`` holds the transcoders' dashboards (scan ``shapes``)
+and its ``saes/`` subfolder the SAEs' (scan ``shapes-saes``); ``scripts/build_shapes_dashboards.py``
+writes both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from difract_ext.toy.pipeline import shapes_dictionaries_path
+
+__all__ = ["SHIPPED_SCANS", "shipped_dashboards_path", "shipped_dashboards_target"]
+
+#: role -> scan name of the shipped dashboards
+SHIPPED_SCANS: dict[str, str] = {"transcoder": "shapes", "sae": "shapes-saes"}
+
+
+def shipped_dashboards_target(role: str = "transcoder") -> Path:
+    """Where the shipped dashboards of ``role`` live (whether built or not)."""
+    if role not in SHIPPED_SCANS:
+        raise ValueError(f"role must be 'transcoder' or 'sae', got {role!r}")
+    base = shapes_dictionaries_path() / "dashboards"
+    return base if role == "transcoder" else base / "saes"
+
+
+def shipped_dashboards_path(role: str = "transcoder") -> Path | None:
+    """The shipped dashboards of ``role``, or None when this checkout has not built them."""
+    path = shipped_dashboards_target(role)
+    return path if (path / "index.json").is_file() else None

@@ -87,7 +87,7 @@ def test_checked_types_accept_exactly_their_range(option, text: str) -> None:
         assert value == expected and type(value) is type(expected), (command, flag, text)
 
 
-def _minimal_argv(command: str) -> list[str]:
+def _minimal_argv(command: str, skip: str | None = None) -> list[str]:
     """Positional arguments and required options of ``command`` filled with plausible text."""
     sub = SUBCOMMANDS[command]
     argv: list[str] = [command]
@@ -102,7 +102,7 @@ def _minimal_argv(command: str) -> list[str]:
     for action in sub._actions:
         if not action.option_strings and action.dest != "help":
             argv.append(plausible(action))
-        elif action.required:
+        elif action.required and action.option_strings[-1] != skip:
             argv += [action.option_strings[-1], plausible(action)]
     return argv
 
@@ -127,3 +127,53 @@ def test_seeds_are_refused_outside_the_generator_range(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="must be an integer"):
         argtypes.seed(text)
     assert argtypes.seed(str(2**63 - 1)) == 2**63 - 1
+
+
+OUT_FOLDERS = [
+    (name, action.option_strings[-1])
+    for name, sub in SUBCOMMANDS.items()
+    for action in sub._actions
+    if action.type is argtypes.output_folder
+]
+
+
+def test_every_output_folder_option_is_checked() -> None:
+    assert {name for name, _ in OUT_FOLDERS} >= {
+        "harvest",
+        "train",
+        "eval",
+        "attribute",
+        "dashboards",
+        "steer",
+        "demo",
+    }
+
+
+@pytest.mark.parametrize(("command", "flag"), OUT_FOLDERS)
+@pytest.mark.parametrize("case", ["file", "under a file", "not writable"])
+def test_bad_output_folder_is_refused_before_anything_runs(
+    tmp_path, monkeypatch, command: str, flag: str, case: str
+) -> None:
+    """An existing file, a path under a file, an unwritable parent (os.access mocked: tests may
+    run as root) used to fail after the work, with a bare OSError."""
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    out = {"file": afile, "under a file": afile / "sub", "not writable": tmp_path / "new"}[case]
+    if case == "not writable":
+        monkeypatch.setattr("os.access", lambda path, mode: False)
+    expected = {
+        "file": "exists and is not a folder",
+        "under a file": "is a file, not a folder",
+        "not writable": "is not writable",
+    }[case]
+    argv = [*_minimal_argv(command, skip=flag), f"{flag}={out}"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as done:
+        build_parser().parse_args(argv)
+    assert done.value.code == 2
+    last = err.getvalue().strip().splitlines()[-1]
+    assert last.startswith(f"difract {command}: error: argument {flag}: {out}") and expected in last
+    monkeypatch.undo()
+    assert argtypes.output_folder(str(tmp_path / "fresh" / "dir")) == str(
+        tmp_path / "fresh" / "dir"
+    )

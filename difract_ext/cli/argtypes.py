@@ -19,6 +19,7 @@ __all__ = [
     "nonnegative_int",
     "nonnegative_number",
     "number_in",
+    "output_folder",
     "port",
     "positive_int",
     "positive_number",
@@ -71,4 +72,31 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a torch device; use cpu, cuda, cuda:N or mps"
         ) from None
+    return text
+
+
+def output_folder(text: str) -> str:
+    """A folder to write into: absent (it will be created), or an existing folder; refused when
+    it is an existing file, or when its nearest existing parent is not a writable folder."""
+    import os
+    from pathlib import Path
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a folder path, got ''")
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} exists and is not a folder; give a folder path (it is created if absent)"
+        )
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} cannot be created: {parent} is a file, not a folder"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(
+            f"{text} cannot be written: {parent} is not writable; choose a folder you can write to"
+        )
     return text

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from difract_ext.cli.argtypes import device, positive_int, seed
+from difract_ext.cli.argtypes import device, output_folder, positive_int, seed
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,9 @@ def add_dashboards_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("action", nargs="?", choices=["build", "export"], default="build")
-    p.add_argument("--out", required=True, help="dashboard folder (build) or export folder")
+    p.add_argument(
+        "--out", required=True, type=output_folder, help="dashboard folder (build) or export folder"
+    )
     p.add_argument("--model", default="shapes", help="pipeline: shapes (default), tiny, a folder")
     p.add_argument(
         "--dictionaries", default=None, help="dictionary folder (default: the shipped shapes ones)"

@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from difract_ext.cli.argtypes import nonnegative_int, number_in, port, positive_int, seed
+from difract_ext.cli.argtypes import (
+    nonnegative_int,
+    number_in,
+    output_folder,
+    port,
+    positive_int,
+    seed,
+)
 from difract_ext.cli.pages_job import add_pages_commands
 
 
@@ -125,7 +132,7 @@ def add_graph_commands(sub: Any) -> None:
         "=W weights it. "
         "Repeat for several targets. Example: --target x0:red@left",
     )
-    p.add_argument("--out", required=True, help="output folder for graph files")
+    p.add_argument("--out", required=True, type=output_folder, help="output folder for graph files")
     p.add_argument(
         "--model",
         default="shapes",

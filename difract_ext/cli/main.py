@@ -11,6 +11,7 @@ from pathlib import Path
 
 from difract_ext.cli.argtypes import (
     nonnegative_number,
+    output_folder,
 )
 from difract_ext.cli.dashboards_job import add_dashboards_parser, copy_shipped_dashboards
 from difract_ext.cli.errors import error_line, foreseen
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with the analyzer's verdicts, then build an attribution graph of one step for the "
         "colour of the left object and print the command that serves it.",
     )
-    demo.add_argument("--out", default="outputs/demo", help="output folder")
+    demo.add_argument("--out", default="outputs/demo", type=output_folder, help="output folder")
     demo.add_argument(
         "--no-graph", action="store_true", help="only the image grid, no attribution graph"
     )

@@ -10,6 +10,7 @@ from difract_ext.cli.argtypes import (
     nonnegative_int,
     nonnegative_number,
     number_in,
+    output_folder,
     positive_int,
     positive_number,
     seed,
@@ -51,7 +52,7 @@ def add_harvest_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
         required=True,
         help="prompt file (one per line) or 'shapes:train' / 'shapes:held_out'",
     )
-    p.add_argument("--out", required=True, help="harvest folder")
+    p.add_argument("--out", required=True, type=output_folder, help="harvest folder")
     p.add_argument(
         "--sites",
         nargs="+",
@@ -167,7 +168,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         ),
     )
     p.add_argument("--data", required=True, help="harvest folder (from `difract harvest`)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=output_folder, help="output folder")
     p.add_argument(
         "--recipe",
         choices=["auto", "difract", "tide", "shapes"],
@@ -389,7 +390,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="folder of trained dictionaries (searched recursively)",
     )
     p.add_argument("--data", required=True, help="held-out harvest folder")
-    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--out", required=True, type=output_folder, help="report folder")
     p.add_argument(
         "--model",
         default=None,

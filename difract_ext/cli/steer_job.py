@@ -261,7 +261,13 @@ def run_steer(
 
 def add_steer_parser(sub: Any) -> Any:
     """Add ``difract steer`` to the subcommands ``sub``."""
-    from difract_ext.cli.argtypes import nonnegative_int, nonnegative_number, positive_int, seed
+    from difract_ext.cli.argtypes import (
+        nonnegative_int,
+        nonnegative_number,
+        output_folder,
+        positive_int,
+        seed,
+    )
 
     p = sub.add_parser(
         "steer",
@@ -277,7 +283,7 @@ def add_steer_parser(sub: Any) -> Any:
     )
     p.add_argument("--prompt", required=True, help="a shapes-world prompt")
     p.add_argument("--edit", required=True, help="POSITION:color=VALUE, e.g. left:color=blue")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=output_folder, help="output folder")
     p.add_argument("--method", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--strength", type=nonnegative_number, nargs="+", default=[1.0, 4.0])
     p.add_argument("--seeds", type=seed, nargs="+", default=[0, 1, 2, 3])

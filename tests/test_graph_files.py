@@ -462,3 +462,17 @@ def test_server_answers_bad_requests_with_4xx_and_drops_stalled_ones(written, mo
     finally:
         srv.stop()
         broken.unlink()
+
+
+def test_port_in_use_names_the_port_and_the_fix(tmp_path, capsys):
+    from difract_ext.cli.main import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=rf"port {port} is in use .*--port 0"):
+            serve(tmp_path, port=port)
+        assert main(["serve", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("difract serve: error: ") and f"port {port} is in use" in err

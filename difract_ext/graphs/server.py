@@ -28,6 +28,7 @@ are off, and requests whose ``Host`` is not a loopback name are refused (DNS reb
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gzip
 import http.server
@@ -429,7 +430,16 @@ def serve(
     handler = functools.partial(
         GraphRequestHandler, frontend_dir=frontend, data_dir=data, dashboards=boards
     )
-    httpd = _ThreadingServer(("127.0.0.1", port), handler)
+    try:
+        httpd = _ThreadingServer(("127.0.0.1", port), handler)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        raise OSError(
+            e.errno,
+            f"port {port} is in use (another `difract serve`?); pass --port 0 for a free port, "
+            "or another port",
+        ) from None
     thread = threading.Thread(target=httpd.serve_forever, name="difract-graph-server", daemon=True)
     thread.start()
     server = GraphServer(httpd, thread)

@@ -23,6 +23,37 @@ if TYPE_CHECKING:
 SYNTHETIC_VOCAB = 1000
 
 
+def _meta(
+    seed: int,
+    grid: tuple[int, int],
+    text_tokens: list[str],
+    n_double: int,
+    n_layers: int,
+    d_img: dict[int, int],
+    target_labels: list[str],
+    step: int,
+    timestep: float,
+) -> GraphMeta:
+    """The ``GraphMeta`` of a synthetic graph of the prompt "a red circle" (16 px patches)."""
+    return GraphMeta(
+        prompt="a red circle",
+        seed=seed,
+        step=step,
+        timestep=timestep,
+        num_inference_steps=4,
+        n_txt=len(text_tokens),
+        grid=grid,
+        text_tokens=text_tokens,
+        n_double=n_double,
+        n_layers=n_layers,
+        d_img=d_img,
+        target_labels=target_labels,
+        model_name="synthetic-flux",
+        height=16 * grid[0],
+        width=16 * grid[1],
+    )
+
+
 def synthetic_graph(
     seed: int = 0,
     grid: tuple[int, int] = (3, 3),
@@ -59,22 +90,16 @@ def synthetic_graph(
     text_tokens = [f"tok{i}" for i in range(n_txt)]
     if n_txt >= 4:
         text_tokens[:4] = ["a", "red", "circle", "</s>"]
-    meta = GraphMeta(
-        prompt="a red circle",
-        seed=seed,
+    meta = _meta(
+        seed,
+        grid,
+        text_tokens,
+        n_double,
+        n_layers,
+        d_img,
+        [f"v·u{k} @ r{k}c{k}" for k in range(n_targets)],
         step=2,
         timestep=0.625,
-        num_inference_steps=4,
-        n_txt=n_txt,
-        grid=grid,
-        text_tokens=text_tokens,
-        n_double=n_double,
-        n_layers=n_layers,
-        d_img=d_img,
-        target_labels=[f"v·u{k} @ r{k}c{k}" for k in range(n_targets)],
-        model_name="synthetic-flux",
-        height=16 * grid[0],
-        width=16 * grid[1],
     )
 
     live = [p for p in range(n_pos) if p not in dead_positions]
@@ -162,23 +187,8 @@ def synthetic_row_graph(
     rng = np.random.default_rng(seed)
     n_pos = n_txt + grid[0] * grid[1]
     text_tokens = [f"tok{i}" for i in range(n_txt)]
-    meta = GraphMeta(
-        prompt="a red circle",
-        seed=seed,
-        step=1,
-        timestep=0.75,
-        num_inference_steps=4,
-        n_txt=n_txt,
-        grid=grid,
-        text_tokens=text_tokens,
-        n_double=n_double,
-        n_layers=n_layers,
-        d_img={layer: 1000 for layer in range(n_double)},
-        target_labels=["x0·red @ left"],
-        model_name="synthetic-flux",
-        height=16 * grid[0],
-        width=16 * grid[1],
-    )
+    d_img = {layer: 1000 for layer in range(n_double)}
+    meta = _meta(seed, grid, text_tokens, n_double, n_layers, d_img, ["x0·red @ left"], 1, 0.75)
     layers = np.sort(rng.integers(0, n_double, n_expanded))
     positions = rng.integers(0, n_pos, n_expanded)
     ids = rng.integers(0, 2000, n_expanded)

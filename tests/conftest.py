@@ -11,6 +11,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# helper modules the tests import (fixtures and builders): their asserts are rewritten too
+pytest.register_assert_rewrite("tiny_attribution", "random_dictionaries")
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

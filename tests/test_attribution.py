@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 from circuit_tracer.graph import compute_graph_scores, prune_graph
-from random_dictionaries import SITES, random_transcoders
+from tiny_attribution import KW, LEFT
 
 from difract_ext import Site
 from difract_ext.adapters.attribution import attribute_step
@@ -16,30 +16,12 @@ from difract_ext.attribution import validation as V
 from difract_ext.attribution.edges import RowTotals
 from difract_ext.attribution.graph_meta import RESIDUE_FEATURE
 from difract_ext.flux.sites import SiteError
-from difract_ext.flux.tiny import build_tiny_flux_pipeline
 from difract_ext.replacement.frozen import FrozenFlux
 from difract_ext.replacement.inputs import capture_step_input
 from difract_ext.replacement.targets import feature_target, output_target
 from difract_ext.toy import SHAPES_CALL_DEFAULTS, load_shapes_pipeline
 
-KW = {"height": 32, "width": 32, "max_sequence_length": 16}
-LEFT = [(r, c) for r in range(8) for c in range(4)]
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return build_tiny_flux_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def step(pipe):
-    return capture_step_input(pipe, "a red circle on the left", step=1, seed=0, **KW)
-
-
-@pytest.fixture(scope="module")
-def dics(pipe):
-    sites = [s for s in SITES if s != Site(1, "txt")]  # txt_1: an error-only stream
-    return random_transcoders(pipe.transformer.inner_dim, sites)
+pytest_plugins = ["tiny_attribution"]
 
 
 @pytest.fixture(scope="module")

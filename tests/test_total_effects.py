@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from random_dictionaries import SITES, random_transcoders
+from tiny_attribution import LEFT
 
 from difract_ext import Site
 from difract_ext.adapters.attribution import attribute_step
@@ -20,28 +20,9 @@ from difract_ext.attribution.partial import (
     node_edit,
     node_vectors,
 )
-from difract_ext.flux.tiny import build_tiny_flux_pipeline
-from difract_ext.replacement.inputs import capture_step_input
 from difract_ext.replacement.targets import feature_target, output_target
 
-KW = {"height": 32, "width": 32, "max_sequence_length": 16}
-LEFT = [(r, c) for r in range(8) for c in range(4)]
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return build_tiny_flux_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def step(pipe):
-    return capture_step_input(pipe, "a red circle on the left", step=1, seed=0, **KW)
-
-
-@pytest.fixture(scope="module")
-def dics(pipe):
-    sites = [s for s in SITES if s != Site(1, "txt")]
-    return random_transcoders(pipe.transformer.inner_dim, sites)
+pytest_plugins = ["tiny_attribution"]
 
 
 def _targets(dics):

@@ -202,7 +202,7 @@ class HarvestResult:
         return self.units_done == self.units_total
 
 
-class _StepCapture:
+class StepCapture:
     """Hooks that copy selected rows of every site's MLP input/output to host memory, per step."""
 
     def __init__(self, transformer: torch.nn.Module, cfg: HarvestConfig, storage: torch.dtype):
@@ -220,7 +220,7 @@ class _StepCapture:
         self.units, self.text_valid, self.step = units, text_valid, 0
         self.rows = {s: {} for s in self.cfg.streams}
 
-    def __enter__(self) -> _StepCapture:
+    def __enter__(self) -> StepCapture:
         self.handles.append(
             self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         )
@@ -475,7 +475,7 @@ def harvest(
     )
     max_len = int(config.call_kwargs.get("max_sequence_length", 512))
     buf = ShardBuffer(root, rank, config.streams, config.batch_size, journal, units)
-    capture = _StepCapture(pipe.transformer, config, storage)
+    capture = StepCapture(pipe.transformer, config, storage)
     bar = tqdm(
         total=len(mine),
         unit="chunk",
@@ -557,4 +557,11 @@ def _summarise(root: Path, n_units: int, write: bool) -> HarvestResult:
     return result
 
 
-__all__ = ["TEXT_PADDING", "HarvestConfig", "HarvestResult", "harvest", "normalize_text_padding"]
+__all__ = [
+    "TEXT_PADDING",
+    "HarvestConfig",
+    "HarvestResult",
+    "StepCapture",
+    "harvest",
+    "normalize_text_padding",
+]

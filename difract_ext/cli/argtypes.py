@@ -8,7 +8,9 @@ same ranges again for Python callers.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from difract_ext.util.config import ConfigError, check_range
@@ -78,9 +80,6 @@ def device(text: str) -> str:
 def output_folder(text: str) -> str:
     """A folder to write into: absent (it will be created), or an existing folder; refused when
     it is an existing file, or when its nearest existing parent is not a writable folder."""
-    import os
-    from pathlib import Path
-
     if not text.strip():
         raise argparse.ArgumentTypeError("must be a folder path, got ''")
     path = Path(text).expanduser()

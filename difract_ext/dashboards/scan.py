@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from difract_ext.capture.harvest import HarvestConfig, _StepCapture
+from difract_ext.capture.harvest import HarvestConfig, StepCapture
 from difract_ext.capture.processes import process_state
 from difract_ext.dashboards.stats import SiteStats
 from difract_ext.dashboards.store import write_index, write_labels, write_site
@@ -300,7 +300,7 @@ def scan_dashboards(
     hcfg = HarvestConfig(
         sites=list(dicts), seeds=config.seeds, text_padding="keep", dtype="float32", call_kwargs=kw
     )
-    capture = _StepCapture(pipe.transformer, hcfg, torch.float32)
+    capture = StepCapture(pipe.transformer, hcfg, torch.float32)
     bar = tqdm(
         total=len(mine),
         unit="chunk",

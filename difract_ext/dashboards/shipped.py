@@ -7,9 +7,8 @@ writes both.
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
-
-from difract_ext.toy.pipeline import shapes_dictionaries_path
 
 __all__ = ["SHIPPED_SCANS", "shipped_dashboards_path", "shipped_dashboards_target"]
 
@@ -21,7 +20,8 @@ def shipped_dashboards_target(role: str = "transcoder") -> Path:
     """Where the shipped dashboards of ``role`` live (whether built or not)."""
     if role not in SHIPPED_SCANS:
         raise ValueError(f"role must be 'transcoder' or 'sae', got {role!r}")
-    base = shapes_dictionaries_path() / "dashboards"
+    # the toy package's folder, found without importing toy.pipeline (that loads diffusers)
+    base = Path(str(files("difract_ext.toy"))) / "dictionaries" / "dashboards"
     return base if role == "transcoder" else base / "saes"
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difract_ext.attribution.graph_meta import GraphMeta
+from difract_ext.dashboards.shipped import SHIPPED_SCANS, shipped_dashboards_target
 from difract_ext.flux.sites import Site
 
 if TYPE_CHECKING:
@@ -37,10 +37,8 @@ __all__ = [
 #: The index file of a dashboard folder.
 DASHBOARD_INDEX = "index.json"
 #: The shapes model's shipped dashboards: transcoders (scan ``shapes``) and SAEs (``saes/``,
-#: scan ``shapes-saes``), as ``difract_ext.dashboards.shipped`` places them (read without
-#: importing it: that loads diffusers); absent in a checkout that has not built them.
-_SHIPPED_BASE = Path(str(files("difract_ext.toy"))) / "dictionaries" / "dashboards"
-SHIPPED_DASHBOARDS: tuple[Path, ...] = (_SHIPPED_BASE, _SHIPPED_BASE / "saes")
+#: scan ``shapes-saes``); absent in a checkout that has not built them.
+SHIPPED_DASHBOARDS: tuple[Path, ...] = tuple(shipped_dashboards_target(r) for r in SHIPPED_SCANS)
 
 
 def read_dashboard_index(folder: str | Path) -> dict[str, Any] | None:

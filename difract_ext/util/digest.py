@@ -55,9 +55,11 @@ def file_digest(
     h = hashlib.sha256(str(size).encode())
     with p.open("rb") as f:
         h.update(f.read(head))
-        if size > head:
-            span = max(size - block, 0)
+        last = size - block  # the offset of the last block: blocks run from head to there
+        if last > head:
             for i in range(blocks):
-                f.seek(head + (span - head) * i // max(blocks - 1, 1) if span > head else head)
+                f.seek(head + (last - head) * i // max(blocks - 1, 1))
                 h.update(f.read(block))
+        else:  # the rest fits in one block
+            h.update(f.read())
     return h.hexdigest()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -128,9 +128,15 @@ class FluxReplacementModel(AttributionStep):
         scan: str | None = None,
         model_name: str = "flux",
         host_vectors: bool | None = None,
+        live: Collection[str] = (),
     ) -> None:
         super().__init__(
-            transformer, step, dictionaries, model_name=model_name, host_vectors=host_vectors
+            transformer,
+            step,
+            dictionaries,
+            model_name=model_name,
+            host_vectors=host_vectors,
+            live=live,
         )
         self.scan = scan
         self.backward_batch: int | None = (
@@ -207,6 +213,7 @@ def attribute_step(
     scan: str | None = None,
     model_name: str = "flux",
     verbose: bool = False,
+    live: Collection[str] = (),
 ) -> FluxAttribution:
     """Attribution graph of one denoising step.
 
@@ -232,6 +239,11 @@ def attribute_step(
             (``AttributionStep``); None: on GPUs.
         method: ``"rows"`` (the core's driver, memory linear in positions × layers) or
             ``"circuit-tracer"`` (its ``attribute()`` and a dense square matrix: small graphs).
+        live: freezes lifted from the edges: ``()`` (circuit-tracer's affine graph: edges sum
+            to node values), ``("layernorm",)`` or ``("layernorm", "attention")``: edges are
+            the step's first-order derivatives through LayerNorm denominators (and attention
+            patterns), so total effects predict small perturbations of the real model better
+            (BENCHMARKS.md, faithfulness) while rows no longer sum to node values.
 
     Raises:
         SiteError: a dictionary key that is not a site (e.g. a ``(stream, layer)`` tuple).
@@ -258,7 +270,13 @@ def attribute_step(
             f"got {max_feature_nodes!r}"
         )
     model = FluxReplacementModel(
-        transformer, step, dictionaries, scan=scan, model_name=model_name, host_vectors=host_vectors
+        transformer,
+        step,
+        dictionaries,
+        scan=scan,
+        model_name=model_name,
+        host_vectors=host_vectors,
+        live=live,
     )
     model.backward_batch = backward_batch
     specs = model.set_targets(targets)

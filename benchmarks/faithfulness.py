@@ -31,11 +31,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SIZES = (0.01, 0.1, 1.0)
+#: edges of the graphs: circuit-tracer's affine graph, or freezes lifted (first-order edges)
+LIVES = ["frozen", "layernorm", "layernorm+attention"]
 KINDS = ("x0", "feature@argmax", "feature summed")
 
 
-def _graphs(pipe, dics, prompt: str, step: int, budget: int):
-    """Yield ``(kind, result)`` for the three targets of one prompt, step and budget."""
+def _graphs(pipe, dics, prompt: str, step: int, budget: int, live: tuple[str, ...] = ()):
+    """Yield ``(kind, result)`` for the three targets of one prompt, step and budget (graphs
+    built with the freezes ``live`` lifted; the feature is chosen by the affine x0 graph)."""
     from difract_ext.adapters.attribution import attribute_step
     from difract_ext.attribution.effects import total_effects
     from difract_ext.cli.attribution_job import build_targets, parse_target
@@ -49,7 +52,15 @@ def _graphs(pipe, dics, prompt: str, step: int, budget: int):
     captured = capture_step_input(pipe, prompt, step, seed=0)
     make = build_targets([parse_target(spec)], pipe, dics, COLORS)
     x0 = attribute_step(pipe.transformer, captured, dics, make, max_feature_nodes=budget)
-    yield "x0", x0
+    if live:
+        yield (
+            "x0",
+            attribute_step(
+                pipe.transformer, captured, dics, make, max_feature_nodes=budget, live=live
+            ),
+        )
+    else:
+        yield "x0", x0
     g = x0.graph
     eff = total_effects(g).effects[0]
     feats = g.active_features[g.selected_features]
@@ -64,20 +75,18 @@ def _graphs(pipe, dics, prompt: str, step: int, budget: int):
         pos = feature_argmax(m.frozen, dics, site, feature, m.clean["mlp_in"])
         return [feature_target(m.frozen, dics, site, feature, positions=[pos])]
 
-    yield (
-        "feature@argmax",
-        attribute_step(pipe.transformer, captured, dics, argmax_target, max_feature_nodes=budget),
-    )
     summed = lambda m: [feature_target(m.frozen, dics, site, feature)]  # noqa: E731
-    yield (
-        "feature summed",
-        attribute_step(pipe.transformer, captured, dics, summed, max_feature_nodes=budget),
-    )
+    for kind, make_target in (("feature@argmax", argmax_target), ("feature summed", summed)):
+        yield (
+            kind,
+            attribute_step(
+                pipe.transformer, captured, dics, make_target, max_feature_nodes=budget, live=live
+            ),
+        )
 
 
 def run(args: argparse.Namespace) -> None:
     from difract_ext.adapters.checkpoints import load_shapes_dictionaries
-    from difract_ext.attribution.faithfulness import FaithfulnessConfig, faithfulness_report
     from difract_ext.toy import load_shapes_pipeline
     from difract_ext.toy.world import split_prompts
 
@@ -86,7 +95,7 @@ def run(args: argparse.Namespace) -> None:
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["prompt"], r["step"], r["budget"], r["kind"]))
+            done.add((r["prompt"], r["step"], r["budget"], r["kind"], r.get("live", "frozen")))
     pipe = load_shapes_pipeline()
     dics = load_shapes_dictionaries()
     _, held = split_prompts(2)
@@ -94,33 +103,48 @@ def run(args: argparse.Namespace) -> None:
     for prompt in prompts:
         for step in args.steps:
             for budget in args.budgets:
-                if all((prompt, step, budget, k) in done for k in KINDS):
-                    continue
-                for kind, result in _graphs(pipe, dics, prompt, step, budget):
-                    if (prompt, step, budget, kind) in done:
+                for live_name in args.lives:
+                    key = (prompt, step, budget)
+                    if all((*key, k, live_name) in done for k in KINDS):
                         continue
-                    t0 = time.perf_counter()
-                    rep = faithfulness_report(result, FaithfulnessConfig(sizes=SIZES))
-                    feat = faithfulness_report(
-                        result,
-                        FaithfulnessConfig(
-                            sizes=(1.0,), breakdown=False, select=0, features_only=True
-                        ),
-                    )
-                    row = {
-                        "prompt": prompt,
-                        "step": step,
-                        "budget": budget,
-                        "kind": kind,
-                        "label": result.targets[0].label,
-                        "seconds": time.perf_counter() - t0,
-                        "report": rep["targets"][0],
-                        "features_only": feat["targets"][0].get("ablation"),
-                        "pairwise": rep.get("pairwise"),
-                    }
-                    with out.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    logging.info("%s step %d budget %d %s done", prompt, step, budget, kind)
+                    live = () if live_name == "frozen" else tuple(live_name.split("+"))
+                    for kind, result in _graphs(pipe, dics, prompt, step, budget, live):
+                        if (*key, kind, live_name) in done:
+                            continue
+                        row = _measure(result, live)
+                        row.update(prompt=prompt, step=step, budget=budget, kind=kind)
+                        row["live"] = live_name
+                        with out.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        logging.info(
+                            "%s step %d budget %d %s %s done", prompt, step, budget, kind, live_name
+                        )
+
+
+def _measure(result, live: tuple[str, ...]) -> dict:
+    """The report of one graph (an affine graph: with the breakdown, the selection check and a
+    features-only protocol; a first-order one: the ablation agreement and its own-model check)."""
+    from difract_ext.attribution.faithfulness import FaithfulnessConfig, faithfulness_report
+
+    t0 = time.perf_counter()
+    if live:
+        rep = faithfulness_report(
+            result, FaithfulnessConfig(sizes=SIZES, breakdown=False, select=0, pairwise=False)
+        )
+        feat = None
+    else:
+        rep = faithfulness_report(result, FaithfulnessConfig(sizes=SIZES))
+        feat = faithfulness_report(
+            result,
+            FaithfulnessConfig(sizes=(1.0,), breakdown=False, select=0, features_only=True),
+        )["targets"][0].get("ablation")
+    return {
+        "label": result.targets[0].label,
+        "seconds": time.perf_counter() - t0,
+        "report": rep["targets"][0],
+        "features_only": feat,
+        "pairwise": rep.get("pairwise"),
+    }
 
 
 def _median(values: list[float]) -> str:
@@ -129,7 +153,8 @@ def _median(values: list[float]) -> str:
 
 
 def table(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    every = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = [r for r in every if r.get("live", "frozen") == "frozen"]
     groups: dict[tuple[str, int, int], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["kind"], r["budget"], r["step"]), []).append(r)
@@ -177,7 +202,47 @@ def table(path: Path) -> str:
     lines.append(
         f"{len(rows)} graphs; report time per graph: median {statistics.median(secs):.1f} s"
     )
+    lives = sorted({r.get("live", "frozen") for r in every}, key=LIVES.index)
+    if len(lives) > 1:
+        lines += ["", live_table(every, lives)]
     return "\n".join(lines)
+
+
+def live_table(rows: list[dict], lives: list[str]) -> str:
+    """Affine vs first-order graphs: median agreement by target kind, budget and edges."""
+    lines = [
+        "| target | budget | edges | graphs | Spearman 1% / 10% / 100% | Pearson 1% / 100% "
+        "| signs 1% / 100% | own-model error (1%) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, int, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kind"], r["budget"], r.get("live", "frozen")), []).append(r)
+    for (kind, budget, live), rs in sorted(
+        groups.items(), key=lambda kv: (KINDS.index(kv[0][0]), kv[0][1], lives.index(kv[0][2]))
+    ):
+        abl = [r["report"].get("ablation", {}) for r in rs]
+
+        def get(size, key, abl=abl):
+            return [d[size][key] for d in abl if size in d]
+
+        own = [
+            r["report"].get("own_model_rel_error", r["report"].get("frozen_max_rel_error"))
+            for r in rs
+        ]
+        lines.append(
+            f"| {kind} | {budget} | {live} | {len(rs)} | {_median(get('1%', 'spearman'))} / "
+            f"{_median(get('10%', 'spearman'))} / {_median(get('100%', 'spearman'))} | "
+            f"{_median(get('1%', 'pearson'))} / {_median(get('100%', 'pearson'))} | "
+            f"{_median(get('1%', 'sign_agreement'))} / {_median(get('100%', 'sign_agreement'))} | "
+            f"{_sci(own)} |"
+        )
+    return "\n".join(lines)
+
+
+def _sci(values: list) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.median(values):.0e}" if values else "–"
 
 
 def main() -> None:
@@ -185,6 +250,13 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--budgets", type=int, nargs="+", default=[200, 1500])
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument(
+        "--lives",
+        nargs="+",
+        choices=LIVES,
+        default=["frozen"],
+        help="graph edges to measure: the affine graph and/or first-order graphs",
+    )
     ap.add_argument("--out", default="benchmarks/faithfulness.jsonl")
     ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = ap.parse_args()

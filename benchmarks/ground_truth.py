@@ -1,6 +1,7 @@
 """Do graphs find the shapes world's mechanisms? Input influence on an object's colour.
 
-    python benchmarks/ground_truth.py [--prompts 50] [--seeds 2] [--out FILE.jsonl] [--table]
+    python benchmarks/ground_truth.py [--prompts 50] [--seeds 2] [--binding 40] [--out FILE.jsonl]
+    python benchmarks/ground_truth.py --table [--out FILE.jsonl]
 
 For held-out two-object prompts of the shapes world (``split_prompts(2)``, a fixed random subset
 of ``--prompts``) × seeds ``0..--seeds-1``, the script generates the image (the analyzer scores
@@ -20,7 +21,8 @@ reports shares of ``Σ |effect|`` over the input nodes:
     |total effect| on the target: own colour, own position, the other object's colour, a shape,
     other, against the top 10 by activation × decoder norm;
 (c) binding-error images against correct images of the same prompt (another seed): the same
-    shares, side by side.
+    shares and top features, side by side (``--binding N`` adds up to N binding-error images
+    found by scanning every held-out prompt at 8 more seeds).
 
 Results are appended to ``--out`` (one JSON line per prompt × seed × step; reruns skip what is
 there); ``--table`` prints the Markdown tables of BENCHMARKS.md.
@@ -189,24 +191,47 @@ def run(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     prompts = [held[i] for i in sorted(rng.choice(len(held), args.prompts, replace=False))]
     pairs = [(p, s) for p in prompts for s in range(args.seeds)]
+    n_random = len(pairs)  # (a) and (b) are over these; the rest serve (c)
     images = generate_images(pipe, [p for p, _ in pairs], [s for _, s in pairs])
     verdicts = [_verdict(score(im, p)) for im, (p, _) in zip(images, pairs, strict=True)]
+    if args.binding:
+        # (c) more binding errors: scan every held-out prompt at further seeds
+        scan = [(p, s) for s in range(args.seeds, args.seeds + 8) for p in held]
+        scan_images = generate_images(pipe, [p for p, _ in scan], [s for _, s in scan])
+        scan_verdicts = [
+            _verdict(score(im, p)) for im, (p, _) in zip(scan_images, scan, strict=True)
+        ]
+        logging.info(
+            "binding scan: %d of %d images are binding errors",
+            scan_verdicts.count("binding"),
+            len(scan),
+        )
+        known = set(pairs)
+        bad = [ps for ps, v in zip(scan, scan_verdicts, strict=True) if v == "binding"]
+        for ps in bad[: args.binding]:
+            if ps not in known:
+                pairs.append(ps)
+                verdicts.append("binding")
+                known.add(ps)
     # (c) needs a correct image of every prompt that gave a binding error: more seeds for those
-    for prompt in {p for (p, _), v in zip(pairs, verdicts, strict=True) if v == "binding"}:
+    for prompt in dict.fromkeys(
+        p for (p, _), v in zip(pairs, verdicts, strict=True) if v == "binding"
+    ):
         if any(v == "correct" for (p, _), v in zip(pairs, verdicts, strict=True) if p == prompt):
             continue
-        extra = list(range(args.seeds, args.seeds + 8))
+        extra = list(range(100, 116))
         more = generate_images(pipe, [prompt] * len(extra), extra)
         for seed, image in zip(extra, more, strict=True):
             if _verdict(score(image, prompt)) == "correct":
                 pairs.append((prompt, seed))
                 verdicts.append("correct")
                 break
-    for (prompt, seed), verdict in zip(pairs, verdicts, strict=True):
+    for i, ((prompt, seed), verdict) in enumerate(zip(pairs, verdicts, strict=True)):
         for step in args.steps:
             if (prompt, seed, step) in done:
                 continue
             row = {"prompt": prompt, "seed": seed, "step": step, "image": verdict}
+            row["sample"] = "random" if i < n_random else "binding"
             row["targets"] = measure(pipe, dics, prompt, seed, step, labels)
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -234,7 +259,8 @@ def _med(values: list[float]) -> str:
 
 
 def table(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    every = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = [r for r in every if r.get("sample", "random") == "random"]
     steps = sorted({r["step"] for r in rows})
     lines = [
         "(a) median share of input influence (Σ|total effect| over input nodes) of an object's "
@@ -284,19 +310,25 @@ def table(path: Path) -> str:
                 lines.append(f"| graph's top, step {step} | {cells} |")
     n_img = {(r["prompt"], r["seed"]): r["image"] for r in rows}
     counts = {v: sum(1 for x in n_img.values() if x == v) for v in ("correct", "binding", "other")}
+    rows = every
+    n_all = {(r["prompt"], r["seed"]): r["image"] for r in rows}
+    n_bad = sum(v == "binding" for v in n_all.values())
     lines += [
         "",
-        f"images: {len(n_img)} (prompt × seed): {counts['correct']} correct, "
-        f"{counts['binding']} binding errors, {counts['other']} other errors",
+        f"(a) and (b) are over {len(n_img)} random held-out images (prompt × seed): "
+        f"{counts['correct']} correct, {counts['binding']} binding errors, {counts['other']} other "
+        f"errors; (c) adds binding errors found by scanning seeds: {n_bad} binding-error images, "
+        f"{len(n_all)} images in all",
         "",
         "(c) binding-error images vs correct images of the same prompt (median shares, both "
         "objects' targets)",
         "",
         "| step | image | targets | own colour | own shape | other colour | other shape "
-        "| image patches | own colour > other colour |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| image patches | own colour > other colour | top-10 own-colour features "
+        "| top-10 other-colour features |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    bad = {p for (p, s), v in n_img.items() if v == "binding"}
+    bad = {p for (p, s), v in n_all.items() if v == "binding"}
     for step in steps:
         for verdict in ("binding", "correct"):
             shares = [
@@ -312,7 +344,12 @@ def table(path: Path) -> str:
                 _med([s[p] for s in shares])
                 for p in ("own colour", "own shape", "other colour", "other shape", "image")
             )
-            lines.append(f"| {step} | {verdict} | {len(shares)} | {cells} | {wins:.2f} |")
+            feats = [s["features"] for s in shares if "features" in s]
+            kinds = " | ".join(
+                f"{statistics.mean(f[k] for f in feats):.2f}" if feats else "–"
+                for k in ("own colour", "other colour")
+            )
+            lines.append(f"| {step} | {verdict} | {len(shares)} | {cells} | {wins:.2f} | {kinds} |")
     return "\n".join(lines)
 
 
@@ -320,6 +357,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument(
+        "--binding",
+        type=int,
+        default=0,
+        help="(c): also attribute up to this many binding-error images found by scanning every "
+        "held-out prompt at seeds --seeds..--seeds+7, each with a correct image of its prompt",
+    )
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--out", default="benchmarks/ground_truth.jsonl")
     ap.add_argument("--table", action="store_true", help="print the tables of --out and exit")

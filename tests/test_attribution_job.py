@@ -160,3 +160,33 @@ def test_feature_target_at_its_argmax_and_no_validate(pipe, tmp_path: Path) -> N
         _, pre = dics[site].encode_with_hidden_pre(mlp_in[1, step.n_txt :], t=step.t)
     assert report["target_values"][0] == pytest.approx(float(pre[:, feature].max()), rel=1e-5)
     assert abs(float(pre[:, feature].max() - pre[:, feature].sum())) > 0.1  # not the summed one
+
+
+def test_live_graph_job(pipe, tmp_path: Path) -> None:
+    from difract_ext.cli.main import build_parser
+
+    dics = make_dics(pipe.transformer.inner_dim)
+    report = run_attribution(
+        pipe,
+        "a red circle on the left",
+        step=1,
+        targets=["x0:red@left"],
+        dictionaries=dics,
+        out_dir=tmp_path,
+        num_inference_steps=4,
+        batch_size=64,
+        live=("layernorm",),
+        **KW,
+    )
+    # first-order edges do not sum to node values: no conservation claimed; the report checks
+    # the graph against its own (LayerNorm-live) model instead of the affine one
+    assert report["live"] == ["layernorm"] and report["conservation"] is None
+    x0 = report["faithfulness"]["targets"][0]
+    assert "frozen_max_rel_error" not in x0 and x0["own_model_rel_error"] <= 0.05
+    graph = json.loads(Path(report["graph_file"]).read_text())
+    assert graph["metadata"]["live"] == ["layernorm"]
+    base = ["--prompt", "a red circle", "--out", str(tmp_path), "--target", "x0:red@left"]
+    args = build_parser().parse_args(["attribute", *base, "--live", "layernorm", "attention"])
+    assert args.live == ["layernorm", "attention"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["attribute", *base, "--live", "softmax"])

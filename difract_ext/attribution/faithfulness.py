@@ -10,7 +10,10 @@ For each target of the graph (output or feature, single position or summed):
 2. **breakdown**: the same ablations with one freeze of the replacement model lifted at a time
    (attention patterns, LayerNorm denominators, transcoders recomputed, real MLPs;
    :mod:`~difract_ext.attribution.partial`): the freeze whose lifting loses most agreement is the
-   main leak. ``frozen`` is the graph's own model, where agreement is exact (a check);
+   main leak. ``frozen`` is the affine graph's own model, where agreement is exact (a check:
+   ``frozen_max_rel_error``). A graph built with freezes lifted (``live``, first-order edges) is
+   checked against its own model instead, where agreement holds to first order
+   (``own_model_rel_error`` at the smallest size);
 3. **selection**: the change of the target when the top ``k`` features by graph effect are
    ablated together in the real model, vs the top ``k`` by activation × decoder norm and ``k``
    random active features (features that can reach the target: earlier layers for a feature
@@ -156,6 +159,12 @@ def ablation_agreement(
     return {"measured": measured, "predicted": predicted}
 
 
+def own_model(live: frozenset[str] | set[str] | list[str]) -> Freeze:
+    """The model whose first-order effects a graph built with ``live`` edges holds
+    (:data:`~difract_ext.attribution.partial.FROZEN` for circuit-tracer's affine graph)."""
+    return Freeze(attention="attention" not in live, layernorm="layernorm" not in live)
+
+
 def _feature_pool(result: Any, k: int) -> torch.Tensor:
     """Active features that can reach target ``k`` (indices into the components)."""
     c, spec = result.components, result.targets[k]
@@ -269,11 +278,18 @@ def faithfulness_report(result: Any, cfg: FaithfulnessConfig | None = None) -> d
     eff = total_effects(result.graph).effects
     vectors = node_vectors(result)
     models = {"unfrozen": UNFROZEN, **(BREAKDOWN if cfg.breakdown else {})}
+    live = frozenset(result.meta.live)
+    own = own_model(live)
     targets = []
     for k, spec in enumerate(result.targets):
         nodes = top_nodes(result, eff[k], cfg.top, cfg.features_only)
         entry: dict[str, Any] = {"label": spec.label, "kind": spec.kind, "nodes": len(nodes)}
         if len(nodes) >= 2:
+            if live:  # first-order edges: their own model agrees at the smallest size
+                out = ablation_agreement(result, nodes, eff, cfg.sizes[:1], own, cfg.batch, vectors)
+                err = (out["measured"][..., k] - out["predicted"][..., k]).abs().max()
+                scale = out["predicted"][..., k].abs().max().clamp(min=1e-30)
+                entry["own_model_rel_error"] = float(err / scale)
             for name, freeze in models.items():
                 out = ablation_agreement(result, nodes, eff, cfg.sizes, freeze, cfg.batch, vectors)
                 per = _per_size(out, k, cfg.sizes)
@@ -281,7 +297,7 @@ def faithfulness_report(result: Any, cfg: FaithfulnessConfig | None = None) -> d
                     entry["ablation"] = per
                 else:
                     entry.setdefault("breakdown", {})[name] = per
-                if name == "frozen":  # the graph's own model: exact up to float rounding
+                if name == "frozen" and not live:  # the graph's own model: exact
                     err = (out["measured"][..., k] - out["predicted"][..., k]).abs().max()
                     scale = out["predicted"][..., k].abs().max().clamp(min=1e-30)
                     entry["frozen_max_rel_error"] = float(err / scale)

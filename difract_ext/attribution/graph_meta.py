@@ -46,11 +46,15 @@ class GraphMeta:
     model_name: str = "flux"
     height: int | None = None
     width: int | None = None
+    #: freezes lifted from the edges (``FrozenFlux``'s ``live``): empty for circuit-tracer's
+    #: affine graph, else first-order edges
+    live: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.grid = (int(self.grid[0]), int(self.grid[1]))
         self.d_img = {int(k): int(v) for k, v in self.d_img.items()}
+        self.live = sorted(self.live)
         if len(self.text_tokens) != self.n_txt:
             raise ValueError(
                 f"text_tokens has {len(self.text_tokens)} labels for n_txt={self.n_txt}"

@@ -48,6 +48,15 @@ class Freeze:
             raise ValueError(f"mlp must be one of {MLP_MODES}, got {self.mlp!r}")
 
     @property
+    def live(self) -> frozenset[str]:
+        """The lifted freezes of attention and LayerNorm (``FrozenFlux``'s ``live``)."""
+        return frozenset(
+            part
+            for part, frozen in (("layernorm", self.layernorm), ("attention", self.attention))
+            if not frozen
+        )
+
+    @property
     def name(self) -> str:
         live = [
             n for n, on in (("attention", self.attention), ("layernorm", self.layernorm)) if not on
@@ -137,33 +146,13 @@ class PartialFlux(FrozenFlux):
 
     def __init__(self, result: Any, freeze: Freeze) -> None:
         source = result.model.frozen
-        super().__init__(source.flux, source.step_input)
+        super().__init__(source.flux, source.step_input, live=freeze.live)
         self._tape = source._tape
         self._clean_mlp_out = source._clean_mlp_out
         self.cfg = freeze
         self.result = result
         self.clean = result.model.clean
         self._features = self._linear_features() if freeze.mlp == "linear" else {}
-
-    # ---- the freezes ----------------------------------------------------------------------------
-    def _ln(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self._mode == "replay" and not self.cfg.layernorm:
-            self._cursor += 1  # skip the taped denominator
-            centred = x - x.mean(dim=-1, keepdim=True)
-            return centred / torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + module.eps)
-        return super()._ln(module, x)
-
-    def _attention(
-        self, attn: Any, x_img: torch.Tensor, x_txt: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._mode == "replay" and not self.cfg.attention:
-            self._cursor += 2  # skip the taped q and k: compute them from this input
-            self._mode = "live"
-            try:
-                return super()._attention(attn, x_img, x_txt)
-            finally:
-                self._mode = "replay"
-        return super()._attention(attn, x_img, x_txt)
 
     def _linear_features(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``{layer: (positions [n], encoder [n, d], unit decoder [n, d])}`` of the graph's
@@ -236,16 +225,21 @@ class PartialFlux(FrozenFlux):
         return self.linear_effects()["input"]
 
     def linear_effects(self) -> dict[str, torch.Tensor]:
-        """Total effects of every source on every target in the graph's model, from one
-        backward pass per target (:data:`FROZEN` only: there the model is linear, so a gradient
-        times a source's value is exactly the change when the source is removed).
+        """Total effects of every source on every target, from one backward pass per target:
+        a gradient at the clean step times a source's value. In :data:`FROZEN` (the affine
+        graph's model) that is exactly the change when the source is removed; with the
+        attention or LayerNorm freeze lifted (``mlp="linear"`` still) it is the first-order
+        effect, the total effect of a graph built with that ``live``.
 
         Returns ``{"input": [P, K], "mlp_out": [L, P, d, K]}``: each input node's effect, and
         the gradient of each target with respect to each MLP output (the effect of removing a
         vector ``v`` there, e.g. a feature's decoder contribution or an error, is ``⟨g, v⟩``).
         """
-        if self.cfg != FROZEN:
-            raise ValueError("linear_effects needs the linear (fully frozen) model: Freeze()")
+        if self.cfg.mlp != "linear":
+            raise ValueError(
+                "linear_effects needs the graph's linearised MLPs: Freeze(mlp='linear'), "
+                f"got {self.cfg}"
+            )
         embed = self.clean["embed"][None].clone().requires_grad_(True)
         outs: list[torch.Tensor] = []
         with torch.enable_grad(), frozen_parameters(self.flux):

@@ -9,7 +9,7 @@ step's ``t``, the graph's :class:`~difract_ext.attribution.graph_meta.GraphMeta`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +36,9 @@ class AttributionStep:
         host_vectors: keep the active features' encoder and decoder vectors (``2 N d``, the
             largest tensors at scale) in host memory; the edge kernels copy what they need to
             the model's device. None: when the model is on a GPU.
+        live: freezes lifted from the edges (``"layernorm"``, ``"attention"``;
+            :class:`~difract_ext.replacement.frozen.FrozenFlux`): edges become first-order
+            derivatives of the model at the step and no longer sum to a node's value.
 
     Raises:
         SiteError: a key that is not a site (e.g. a ``(stream, layer)`` tuple), or a layer the
@@ -49,11 +52,12 @@ class AttributionStep:
         dictionaries: Mapping[Any, Any],
         model_name: str = "flux",
         host_vectors: bool | None = None,
+        live: Collection[str] = (),
     ) -> None:
         self.dictionaries = as_site_dict(dictionaries)
         if host_vectors is None:
             host_vectors = next(transformer.parameters()).is_cuda
-        self.frozen = FrozenFlux(transformer, step)
+        self.frozen = FrozenFlux(transformer, step, live=live)
         self.step = step
         for site in self.dictionaries:
             site.check_in(self.frozen.n_double)
@@ -84,6 +88,7 @@ class AttributionStep:
             model_name=model_name,
             height=step.height,
             width=step.width,
+            live=sorted(self.frozen.live),
         )
 
     def set_targets(

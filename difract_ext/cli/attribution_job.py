@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,7 @@ def run_attribution(
     validate: bool = True,
     faithfulness: Any = None,
     scan: str = "flux",
+    live: Sequence[str] = (),
     **call: Any,
 ) -> dict[str, Any]:
     """Capture ``step`` of ``prompt``, attribute ``targets``, validate and write graph files.
@@ -196,7 +197,9 @@ def run_attribution(
     ``features/{scan}/`` folder. ``validate``: check conservation and measure the faithfulness
     report (:func:`~difract_ext.attribution.faithfulness.faithfulness_report` with
     ``faithfulness``, a ``FaithfulnessConfig``; default: its defaults, about 12 s on the shapes
-    demo graph on 2 CPU cores).
+    demo graph on 2 CPU cores). ``live``: freezes lifted from the edges (first-order graph,
+    :func:`~difract_ext.adapters.attribution.attribute_step`); its rows do not sum to node values,
+    so no conservation is checked (``conservation: null``).
 
     Returns a report (also written as ``{out_dir}/{slug}.report.json``): slug, graph path,
     node counts, replacement/completeness scores and, when validated, the conservation error,
@@ -235,6 +238,7 @@ def run_attribution(
         backward_batch=backward_batch,
         rank_entries=rank_entries,
         scan=scan,
+        live=live,
     )
     replacement, completeness = result.graph.scores()  # circuit-tracer's, on the rows
     report: dict[str, Any] = {
@@ -243,6 +247,7 @@ def run_attribution(
         "step": step,
         "timestep": captured.t,
         "targets": [t.label for t in result.targets],
+        "live": list(result.meta.live),
         "target_values": [float(v) for v in result.target_values],
         "n_active_features": result.components.n_active,
         "n_feature_nodes": len(result.graph.selected_features) - result.n_residue,
@@ -262,7 +267,7 @@ def run_attribution(
     if validate:
         from difract_ext.attribution.faithfulness import faithfulness_report
 
-        report["conservation"] = validation.conservation(result)
+        report["conservation"] = None if live else validation.conservation(result)
         faith = faithfulness_report(result, faithfulness)
         report["faithfulness"] = faith
         full = faith["targets"][0].get("ablation", {}).get("100%")

@@ -17,6 +17,9 @@ from difract_ext.cli.argtypes import (
 )
 from difract_ext.cli.pages_job import add_pages_commands
 
+#: ``replacement.frozen.LIVE_PARTS``, spelled here so parsing imports no torch (a test checks)
+LIVE_CHOICES = ("layernorm", "attention")
+
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from difract_ext.adapters.checkpoints import load_dictionary_dir
@@ -77,6 +80,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         edge_threshold=args.edge_threshold,
         validate=not args.no_validate,
         scan=scan,
+        live=args.live,
         **call,
     )
     print(json.dumps(report, indent=2, default=str))
@@ -195,6 +199,16 @@ def add_graph_commands(sub: Any) -> None:
         type=number_in(0, 1, low_open=True),
         default=0.98,
         help="pruning: cumulative edge influence kept",
+    )
+    p.add_argument(
+        "--live",
+        nargs="+",
+        choices=LIVE_CHOICES,
+        default=[],
+        metavar="PART",
+        help="lift these freezes from the edges (layernorm, attention): a first-order graph "
+        "whose total effects predict small perturbations of the real model better, but whose "
+        "edges no longer sum to node values (default: circuit-tracer's affine graph)",
     )
     p.add_argument(
         "--no-validate", action="store_true", help="skip conservation and faithfulness checks"

@@ -408,6 +408,7 @@ def build_graph_json(
         height=meta.height,
         width=meta.width,
         target_labels=list(meta.target_labels),
+        live=list(meta.live),  # freezes lifted from the edges: [] for an affine graph
         edge_threshold=edge_threshold,
         image=image_file,
         positions=_positions_block(meta, kept),

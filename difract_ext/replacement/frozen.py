@@ -19,11 +19,17 @@ map from ``hook_embed`` and the MLP outputs to anything downstream is affine: at
 and MLP outputs are detached from their inputs. Forward *values* are those of the real model:
 every frozen quantity is computed exactly as diffusers does and only its gradient is linearised
 (``value.detach() + (linear - linear.detach())``).
+
+``live`` lifts freezes from the gradients of :meth:`FrozenFlux.linear_forward` (the pass whose
+backward gives attribution edges): ``"layernorm"`` differentiates the LayerNorm denominators,
+``"attention"`` the attention patterns (through q and k). Edges are then the model's exact
+first-order derivatives at the clean step (the MLPs still frozen), not the terms of an affine
+model: they no longer sum to a node's value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,6 +41,9 @@ from torch import nn
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from difract_ext.replacement.inputs import FluxStepInput
+
+#: Freezes whose gradient ``live`` can lift.
+LIVE_PARTS = ("layernorm", "attention")
 
 
 @contextmanager
@@ -150,10 +159,28 @@ class FrozenFlux(HookedRootModule):
         transformer: the pipeline's ``FluxTransformer2DModel`` (shared, never modified).
         step: the captured transformer call (batch 1).
         freeze: linearise gradients (attention patterns, LayerNorm scales, MLPs frozen).
+        live: parts of :data:`LIVE_PARTS` whose gradient :meth:`linear_forward` does not freeze
+            (first-order edges instead of an affine model; see the module docstring).
+
+    Raises:
+        ValueError: an unknown part in ``live``.
     """
 
-    def __init__(self, transformer: nn.Module, step: FluxStepInput, freeze: bool = True) -> None:
+    def __init__(
+        self,
+        transformer: nn.Module,
+        step: FluxStepInput,
+        freeze: bool = True,
+        live: Collection[str] = (),
+    ) -> None:
         super().__init__()
+        unknown = sorted(set(live) - set(LIVE_PARTS))
+        if isinstance(live, str) or unknown:
+            raise ValueError(
+                f"live takes parts of {LIVE_PARTS} (a collection, e.g. ('layernorm',)); "
+                f"got {live!r}"
+            )
+        self.live = frozenset(live)
         self.flux = transformer
         self.step_input = step
         self.freeze = freeze
@@ -217,7 +244,10 @@ class FrozenFlux(HookedRootModule):
         """An affine-free LayerNorm whose denominator is a constant for gradients."""
         centred = x - x.mean(dim=-1, keepdim=True)
         if self._mode == "replay":
-            return centred / self._taped(None)
+            sigma = self._taped(None)
+            if "layernorm" in self.live:  # the same value, differentiated
+                sigma = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + module.eps)
+            return centred / sigma
         if self._mode == "record":
             sigma = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + module.eps)
             return centred / self._taped(sigma)
@@ -239,11 +269,14 @@ class FrozenFlux(HookedRootModule):
         if x_txt is not None:
             ev = attn.add_v_proj(x_txt).unflatten(-1, (attn.heads, -1))
             v = torch.cat([ev, v], dim=1)
-        if self._mode == "replay":
+        replay = self._mode == "replay"
+        if replay and "attention" not in self.live:
             # the pattern is a constant of the step: one [1, H, S, S] softmax, shared by the batch
             q, k = self._taped(None), self._taped(None)
             out = _FrozenPattern.apply(q[0], k[0], v)  # [B, S, H, D]
         else:
+            if replay:  # live attention: q and k recomputed (and differentiated)
+                self._cursor += 2
             q = attn.norm_q(attn.to_q(x_img).unflatten(-1, (attn.heads, -1)))
             k = attn.norm_k(attn.to_k(x_img).unflatten(-1, (attn.heads, -1)))
             if x_txt is not None:
@@ -252,7 +285,7 @@ class FrozenFlux(HookedRootModule):
                 q, k = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1)
             q = apply_rotary_emb(q, self._rotary, sequence_dim=1)
             k = apply_rotary_emb(k, self._rotary, sequence_dim=1)
-            if self._active():
+            if self._active() and not replay:
                 q, k = q.detach(), k.detach()
             if self._mode == "record":
                 q, k = self._taped(q), self._taped(k)

@@ -18,10 +18,12 @@ colour differs from every object's). Methods (one ``Intervention`` API, both app
 
 Also: an upper bound of MLP-feature steering on one edit (``OUT/diagnosis.json``: every text
 feature at the colour word, or every image feature of the target's half, set to the concept
-run's values) and the binding errors of 48 two-object prompts with a circuit-guided repair of
-the colour ones (``OUT/binding.json``). Writes ``OUT/results.json``, ``OUT/table.md``,
-``OUT/success_vs_collateral.png`` and ``OUT/examples.png``; every stage is cached in ``OUT``
-(tasks, interventions, scores per method and strength, diagnosis, binding), so a rerun resumes.
+run's values) and the binding errors of 200 two-object prompts with a circuit-guided repair
+(``x0·colour`` or ``x0·shape`` graphs of the failing seed and a correct one; ``OUT/binding.json``)
+and the graph files of the first case (``OUT/binding_graphs/``). Writes ``OUT/results.json``,
+``OUT/table.md``, ``OUT/success_vs_collateral.png`` and ``OUT/examples.png``; every stage is
+cached in ``OUT`` (tasks, interventions, scores per method and strength, diagnosis, binding), so
+a rerun resumes.
 """
 
 from __future__ import annotations
@@ -159,12 +161,14 @@ def binding_repair(
     tcs,
     out: Path,
     seeds: list[int],
-    n_prompts: int = 48,
-    max_items: int = 8,
+    n_prompts: int = 200,
+    max_items: int = 30,
     k: int = 8,
 ) -> dict:
-    """Binding errors of two-object prompts: find them, explain one with graphs (the failing
-    seed beside a correct seed of the same prompt), and try a circuit-guided repair of each."""
+    """Binding errors of two-object prompts: find them (``n_prompts`` random prompts × ``seeds``),
+    give each a correct seed of the same prompt (from ``seeds``, else seeds 100-115), explain the
+    first with graphs (the failing seed beside the correct one) and try a circuit-guided repair of
+    up to ``max_items`` of them (colour or shape: :func:`repair_one`)."""
     from difract_ext.cli.attribution_job import run_attribution
     from difract_ext.toy.analyzer import analyze, score
     from difract_ext.toy.world import all_prompts
@@ -172,16 +176,9 @@ def binding_repair(
     rng = np.random.default_rng(1)
     pool = all_prompts(2)
     prompts = [pool[i] for i in rng.permutation(len(pool))[:n_prompts]]
-    images = []
-    for lo in range(0, len(prompts), 8):  # as run_edits batches: 8 prompts x the seeds
-        chunk = prompts[lo : lo + 8]
-        ims = flux.run_intervention(
-            [p for p in chunk for _ in seeds],
-            None,
-            seeds=[sd for _ in chunk for sd in seeds],
-            output_type="np",
-        )
-        images += [np.asarray(im, np.float32) for im in ims.images]
+    images = _images(
+        flux, [p for p in prompts for _ in seeds], [sd for _ in prompts for sd in seeds]
+    )
     n_s = len(seeds)
     items, correct_seed = [], {}
     for i, p in enumerate(prompts):
@@ -191,21 +188,33 @@ def binding_repair(
                 correct_seed.setdefault(p, sd)
             elif sc.binding_error:
                 items.append((p, sd, images[i * n_s + j]))
+    missing = sorted({p for p, _, _ in items if p not in correct_seed})
+    extra = list(range(100, 116))
+    more = _images(flux, [p for p in missing for _ in extra], [sd for _ in missing for sd in extra])
+    for i, p in enumerate(missing):
+        for j, sd in enumerate(extra):
+            if score(more[i * len(extra) + j], p).fully_correct:
+                correct_seed[p] = sd
+                break
     n_checked = len(prompts) * n_s
     graphs: dict = {}
-    repairs = []
+    repairs, nothing_wrong, no_correct = [], 0, 0
     for p, sd, img in items:
-        if p not in correct_seed or len(repairs) >= max_items:
+        if len(repairs) >= max_items:
+            break
+        if p not in correct_seed:
+            no_correct += 1
             continue
         row = repair_one(flux, pipe, tcs, p, sd, correct_seed[p], img, k)
         if row is None:
+            nothing_wrong += 1
             continue
         repairs.append(row)
         if not graphs:  # graph files of the first failing case beside a correct one
             for name, seed_, colour in (
                 ("failing", sd, row["drawn"]),
                 ("correct", correct_seed[p], row["asked"]),
-            ):
+            ):  # colour or shape targets
                 rep = run_attribution(
                     pipe,
                     p,
@@ -216,12 +225,23 @@ def binding_repair(
                     seed=seed_,
                     max_feature_nodes=60,
                     validate=False,
+                    scan="shapes",  # the shipped transcoders: their dashboards label the nodes
                 )
-                graphs[name] = rep["graph_file"]
+                graphs[name] = str(Path(rep["graph_file"]).relative_to(out))
+    strengths = ("1", "2", "4", "8")
     rates = {
         st: float(np.mean([r["strengths"][st]["repaired"] for r in repairs])) if repairs else None
-        for st in ("1", "2", "4", "8")
+        for st in strengths
     }
+    breaks = {
+        st: float(np.mean([r["strengths"][st]["broken"] for r in repairs])) if repairs else None
+        for st in strengths
+    }
+    any_rate = (
+        float(np.mean([any(v["repaired"] for v in r["strengths"].values()) for r in repairs]))
+        if repairs
+        else None
+    )
     found = [
         {
             "prompt": p,
@@ -234,11 +254,28 @@ def binding_repair(
     return {
         "checked": n_checked,
         "binding_errors": len(items),
+        "repaired_items": len(repairs),
+        "no_wrong_position": nothing_wrong,
+        "by_attribute": {a: sum(r["attribute"] == a for r in repairs) for a in ("color", "shape")},
+        "no_correct_seed": no_correct,
         "found": found,
         "repairs": repairs,
         "repair_rate": rates,
+        "repair_rate_any_strength": any_rate,
+        "attributes_broken": breaks,
         "graph_files": graphs,
     }
+
+
+def _images(flux, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+    """Unedited images, 32 at a time."""
+    images = []
+    for lo in range(0, len(prompts), 32):
+        ims = flux.run_intervention(
+            prompts[lo : lo + 32], None, seeds=seeds[lo : lo + 32], output_type="np"
+        )
+        images += [np.asarray(im, np.float32) for im in ims.images]
+    return images
 
 
 def _graph(pipe, tcs, prompt: str, seed: int, target: str):
@@ -268,29 +305,38 @@ def _token_shares(g, meta) -> dict[str, float]:
 
 
 def repair_one(flux, pipe, tcs, prompt: str, seed: int, correct: int, image, k: int = 8):
-    """Circuit-guided repair of a colour binding error at ``seed`` (graphs: the drawn colour at
-    the wrong position at ``seed``, the asked colour there at the ``correct`` seed); None when
-    every position has its asked colour."""
+    """Circuit-guided repair of a binding error at ``seed``: at the first position whose drawn
+    colour (else shape) is not the asked one, graphs of ``x0·drawn @ position`` at ``seed`` and
+    ``x0·asked @ position`` at the ``correct`` seed give the edit; None when every detected
+    object at a prompted position has its asked colour and shape."""
     from difract_ext.intervene.steering import circuit_steering
     from difract_ext.toy.analyzer import analyze, score
     from difract_ext.toy.world import parse_prompt
 
-    want = {o.position: o.color for o in parse_prompt(prompt).objects}
-    det = {d.position: d.color for d in analyze(image)}
-    wrong = [pos for pos, c in want.items() if det.get(pos) not in (None, c)]
+    before = score(image, prompt)
+    want = {o.position: (o.color, o.shape) for o in parse_prompt(prompt).objects}
+    det = {d.position: (d.color, d.shape) for d in analyze(image)}
+    wrong = [
+        (pos, i)
+        for i in (0, 1)  # colour first, then shape
+        for pos, asked in want.items()
+        if pos in det and det[pos][i] != asked[i]
+    ]
     if not wrong:
         return None
-    pos = wrong[0]
-    src = _graph(pipe, tcs, prompt, seed, f"x0:{det[pos]}@{pos}")
-    con = _graph(pipe, tcs, prompt, correct, f"x0:{want[pos]}@{pos}")
+    pos, i = wrong[0]
+    drawn, asked = det[pos][i], want[pos][i]
+    src = _graph(pipe, tcs, prompt, seed, f"x0:{drawn}@{pos}")
+    con = _graph(pipe, tcs, prompt, correct, f"x0:{asked}@{pos}")
     iv = circuit_steering([src], [con], k=k)
     row = {
         "prompt": prompt,
         "seed": seed,
         "correct_seed": correct,
         "position": pos,
-        "drawn": det[pos],
-        "asked": want[pos],
+        "attribute": ("color", "shape")[i],
+        "drawn": drawn,
+        "asked": asked,
         "failing_graph_token_shares": _token_shares(*src),
         "correct_graph_token_shares": _token_shares(*con),
         "strengths": {},
@@ -300,9 +346,13 @@ def repair_one(flux, pipe, tcs, prompt: str, seed: int, correct: int, image, k: 
             [prompt], iv.with_strength(st), seeds=[seed], output_type="np"
         ).images
         fixed = score(np.asarray(ims[0], np.float32), prompt)
+        was = [*before.color_ok, *before.shape_ok, *before.position_ok]
+        now = [*fixed.color_ok, *fixed.shape_ok, *fixed.position_ok]
         row["strengths"][f"{st:g}"] = {
             "repaired": fixed.fully_correct,
             "n_detected": fixed.n_detected,
+            # prompted attributes right before the edit and wrong after it
+            "broken": sum(a and not b for a, b in zip(was, now, strict=True)),
         }
     log.info("binding repair %s seed %d: %s", prompt, seed, row["strengths"])
     return row
@@ -475,7 +525,21 @@ def main() -> int:
         "upper_bound_diagnosis": diagnosis,
         "binding": None
         if binding is None
-        else {k: binding[k] for k in ("checked", "binding_errors", "repair_rate", "graph_files")},
+        else {
+            k: binding.get(k)
+            for k in (
+                "checked",
+                "binding_errors",
+                "repaired_items",
+                "no_wrong_position",
+                "by_attribute",
+                "no_correct_seed",
+                "repair_rate",
+                "repair_rate_any_strength",
+                "attributes_broken",
+                "graph_files",
+            )
+        },
         "seconds": time.time() - t_start,
     }
     atomic_write_json(out / "results.json", results)
@@ -545,9 +609,21 @@ def table(r: dict) -> str:
             f"x{k}: {'-' if v is None else f'{v:.2f}'}" for k, v in b["repair_rate"].items()
         )
         lines.append("")
+        broken = ", ".join(
+            f"x{k}: {'-' if v is None else f'{v:.2f}'}"
+            for k, v in (b.get("attributes_broken") or {}).items()
+        )
+        anyr = b.get("repair_rate_any_strength")
         lines.append(
             f"Binding errors: {b['binding_errors']} of {b['checked']} two-object images; "
-            f"circuit-guided repair (fully correct after the edit) by strength: {rates}."
+            f"{b.get('repaired_items')} with a correct seed of the same prompt tried "
+            f"({b.get('by_attribute')}; {b.get('no_correct_seed')} had no correct seed in 20, "
+            f"{b.get('no_wrong_position')} no prompted position with a wrong attribute). "
+            "Circuit-guided "
+            f"repair (fully correct after the edit) by strength: {rates}; at any strength: "
+            f"{'-' if anyr is None else f'{anyr:.2f}'}. Prompted attributes broken by the edit "
+            f"(right before, wrong after; mean per image): {broken}. Graph files of the first "
+            f"case (failing seed, correct seed): {b.get('graph_files')}."
         )
     d = r.get("upper_bound_diagnosis")
     if d:

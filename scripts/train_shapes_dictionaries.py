@@ -36,6 +36,8 @@ Usage::
     python scripts/train_shapes_dictionaries.py --quick --no-ship --work /tmp/sd
     # the text dictionaries only (image ones stay as shipped):
     python scripts/train_shapes_dictionaries.py --streams txt
+    # SAEs of layers 0 and 3 added to the shipped ones (the steering baseline's other layers):
+    python scripts/train_shapes_dictionaries.py --add-saes 0 3
 """
 
 from __future__ import annotations
@@ -172,6 +174,16 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument(
         "--sae-layers", type=int, nargs="+", default=[1, 2], help="layers with shipped SAEs"
+    )
+    p.add_argument(
+        "--add-saes",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="LAYER",
+        help="only train SAEs of these layers (both streams, the shipping recipe) on the "
+        "existing harvest, evaluate them and add them to the shipped folder (nothing else "
+        "shipped changes; their own working folder: dicts-saes-LAYERS)",
     )
     p.add_argument("--lr", type=float, default=R.lr, help="AdamW learning rate")
     p.add_argument("--batch-size", type=int, default=R.train["batch_size"], help="rows per step")
@@ -400,6 +412,88 @@ def stage_ship(
         logger.warning("shipped size %.1f MB exceeds the 15 MB budget", size / 2**20)
 
 
+def stage_add_saes(args: argparse.Namespace, work: Path, train_dir: Path, held_dir: Path) -> None:
+    """``--add-saes``: SAEs of more layers, trained, evaluated and added to the shipped folder."""
+    layers = sorted(set(args.add_saes))
+    sites = [s for s in HarvestReader(train_dir).sites if s.layer in layers]
+    if len(sites) != 2 * len(layers):
+        raise SystemExit(f"--add-saes {layers}: the harvest has no double block of some layer")
+    ship_dir = Path(args.ship_dir)
+    index = json.loads((ship_dir / "index.json").read_text())
+    have = {(e["site"], e["role"]) for e in index["dictionaries"]}
+    if any((str(s), "sae") in have for s in sites):
+        raise SystemExit(f"{ship_dir} already ships an SAE of a site in {[str(s) for s in sites]}")
+    specs = [
+        DictionarySpec(
+            s,
+            "sae",
+            "relu",
+            l1_coefficient=args.l1_sae,
+            expansion_factor=args.expansion_site.get(
+                str(s), {"img": args.expansion_img, "txt": args.expansion_txt}[s.stream]
+            ),
+            d_t_embed=args.d_t_embed,
+            lr=args.lr,
+        )
+        for s in sites
+    ]
+    name = "saes-" + "-".join(map(str, layers))
+    cfg = TrainConfig(
+        **{
+            **R.train,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "resample_until": args.resample_until,
+            "resample_min_rate": args.resample_min_rate,
+        },
+        log_every=100,
+        seed=0,
+    )
+    train_dictionaries(train_dir, specs, work / f"dicts-{name}", cfg, io=SAELENS_IO, resume=True)
+    dicts = load_dictionaries(work / f"dicts-{name}", io=SAELENS_IO)
+    summary_dir = work / f"eval-{name}"
+    run_evaluation(dicts, held_dir, summary_dir, pipeline=None)
+    evals = {e["name"]: e for e in json.loads((summary_dir / "eval.json").read_text())["evals"]}
+    for spec in specs:
+        src, dst = work / f"dicts-{name}" / spec.resolved_name, ship_dir / "saes" / str(spec.site)
+        with atomic_directory(dst, owned=None) as tmp:
+            for f in ("cfg.json", "sae_weights.safetensors"):
+                shutil.copy2(src / f, tmp / f)
+            training = json.loads((src / "training.json").read_text())
+            training["data"]["root"] = (
+                "runs/shapes-dictionaries/harvest-train (shapes:train prompts)"
+            )
+            atomic_write_json(tmp / "training.json", training)
+            metrics = json.loads((src / "metrics.json").read_text())
+            metrics["held_out"] = evals[spec.resolved_name]["groups"]
+            atomic_write_json(tmp / "metrics.json", metrics)
+        m = metrics["held_out"]["all"]
+        index["dictionaries"].append(
+            {
+                **{
+                    f"explained_variance_{g}": metrics["held_out"][g]["explained_variance"]
+                    for g in ("real", "padding")
+                    if g in metrics["held_out"]
+                },
+                "path": f"saes/{spec.site}",
+                "site": str(spec.site),
+                "role": "sae",
+                "variant": spec.variant,
+                "d_sae": evals[spec.resolved_name]["d_sae"],
+                "explained_variance": m["explained_variance"],
+                "l0": m["l0"],
+                "dead_fraction": m["dead_fraction"],
+                "dense_fraction": m["dense_fraction"],
+            }
+        )
+    atomic_write_json(ship_dir / "index.json", index)
+    report = (summary_dir / "eval.md").read_text().replace(f"{REPO}/", "")
+    text = (ship_dir / "EVAL.md").read_text()
+    title = f"\n\n## SAEs of layers {', '.join(map(str, layers))} (added with --add-saes)\n\n"
+    atomic_write_bytes(ship_dir / "EVAL.md", (text.rstrip() + title + report).encode())
+    logger.info("added %d SAEs to %s", len(specs), ship_dir)
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(
@@ -416,6 +510,9 @@ def main() -> None:
         args.epochs, args.splice_prompts, args.sweep_l1, args.sweep_k = 1, 4, [1e-2], [8]
         args.sweep_sites = args.sweep_sites[:1]
     train_dir, held_dir = stage_harvest(args, work)
+    if args.add_saes:
+        stage_add_saes(args, work, train_dir, held_dir)
+        return
     sites = HarvestReader(train_dir).sites
     ship, specs, other_sweep = ship_specs(args, sites)
     logger.info(

@@ -7,6 +7,9 @@ Target specs (``--target``), several allowed, each optionally weighted with ``=W
 - ``x0:red@left`` / ``velocity:#ff8800@top``: the predicted clean latent (or velocity) over a
   region (``all``, ``left``, ``right``, ``top``, ``bottom``) projected on a colour's direction in
   latent space (palette names of the shapes world, or ``#rrggbb``);
+- ``x0:circle@left``: the same over a shapes-world region, projected on a shape's per-patch
+  direction (:func:`~difract_ext.toy.directions.shape_directions`: how much the object there
+  looks like that shape rather than the others);
 - ``feature:img_1:123`` / ``feature:txt_0:7@all`` / ``feature:img_1:123@argmax``: a transcoder
   feature's pre-activation (the site in its one string form, ``STREAM_LAYER``, then the feature
   index), summed over every position of the site's stream (``@all``, the default) or at the one
@@ -25,6 +28,8 @@ from typing import Any
 
 from difract_ext.flux.directions import colour_directions, region_patches
 from difract_ext.flux.sites import Site, check_stream
+from difract_ext.toy.directions import shape_directions
+from difract_ext.toy.world import POSITIONS, SHAPES
 from difract_ext.util.atomic import atomic_write_json
 from difract_ext.util.config import check_range
 
@@ -48,6 +53,7 @@ class TargetRequest:
     kind: str
     weight: float = 1.0
     colour: str | None = None
+    shape: str | None = None
     region: str = "all"
     site: Site | None = None
     feature: int | None = None
@@ -66,10 +72,17 @@ def parse_target(spec: str) -> TargetRequest:
     spec = spec.strip()
     m = _OUTPUT.match(spec)
     if m:
+        shape = m["what"] if m["what"] in SHAPES else None
+        if shape is not None and m["region"] not in POSITIONS:
+            raise ValueError(
+                f"target {spec!r}: a shape target needs the object's region, one of "
+                f"{', '.join(POSITIONS)} (e.g. x0:{shape}@left)"
+            )
         return TargetRequest(
             kind=m["kind"],
             weight=float(m["w"] or 1.0),
-            colour=m["what"],
+            colour=None if shape else m["what"],
+            shape=shape,
             region=m["region"],
             text=spec,
         )
@@ -92,7 +105,8 @@ def parse_target(spec: str) -> TargetRequest:
         )
     raise ValueError(
         f"cannot parse target {spec!r}; use KIND:COLOUR@REGION (KIND x0|velocity, COLOUR a palette "
-        "name or #rrggbb, REGION all|left|right|top|bottom), e.g. x0:red@left, or "
+        "name or #rrggbb, REGION all|left|right|top|bottom), e.g. x0:red@left, KIND:SHAPE@REGION "
+        "(a shapes-world shape), e.g. x0:circle@left, or "
         "feature:SITE:INDEX[@all|@argmax], e.g. feature:img_1:123; append =W to weight it"
     )
 
@@ -151,11 +165,15 @@ def build_targets(
                 )
             else:
                 patches = region_patches(r.region, model.step.grid)
+                if r.shape is not None:
+                    direction = shape_directions(pipeline, r.region, model.step.grid)[r.shape]
+                else:
+                    direction = directions[r.colour]
                 specs.append(
                     output_target(
                         model.frozen,
                         patches,
-                        directions[r.colour],
+                        direction,
                         kind=r.kind,
                         label=r.text,
                         weight=r.weight,

@@ -41,27 +41,24 @@ def edit_graphs(
     steps: Sequence[int] = (0, 1),
     max_feature_nodes: int = 100,
 ) -> tuple[list[GraphPair], list[GraphPair]]:
-    """``(source graphs, concept graphs)`` of a colour edit, one per step in ``steps``.
+    """``(source graphs, concept graphs)`` of a colour or shape edit, one per step in ``steps``.
 
-    Source: ``x0·{old colour} @ {position}`` on the task's prompt; concept: ``x0·{new colour} @
-    {position}`` on its concept prompt (both at ``seed``).
+    Source: ``x0·{old value} @ {position}`` on the task's prompt; concept: ``x0·{new value} @
+    {position}`` on its concept prompt (both at ``seed``), the value a colour (its latent
+    direction) or a shape (:func:`~difract_ext.toy.directions.shape_directions`).
     """
     from difract_ext.adapters.attribution import attribute_step
     from difract_ext.cli.attribution_job import build_targets, parse_target
     from difract_ext.replacement.inputs import capture_step_input
     from difract_ext.toy.world import COLORS
 
-    if task.attribute != "color":
-        raise ValueError(
-            f"circuit-guided steering builds colour targets; {task.name} edits the {task.attribute}"
-        )
     out: tuple[list[GraphPair], list[GraphPair]] = ([], [])
-    for graphs, prompt, colour in (
+    for graphs, prompt, value in (
         (out[0], task.prompt, task.source_value),
         (out[1], task.concept_prompt, task.value),
     ):
         make = build_targets(
-            [parse_target(f"x0:{colour}@{task.position}")], pipeline, transcoders, COLORS
+            [parse_target(f"x0:{value}@{task.position}")], pipeline, transcoders, COLORS
         )
         for step in steps:
             captured = capture_step_input(pipeline, prompt, step, seed=seed)

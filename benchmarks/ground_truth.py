@@ -22,7 +22,9 @@ reports shares of ``Σ |effect|`` over the input nodes:
     other, against the top 10 by activation × decoder norm;
 (c) binding-error images against correct images of the same prompt (another seed): the same
     shares and top features, side by side (``--binding N`` adds up to N binding-error images
-    found by scanning every held-out prompt at 8 more seeds).
+    found by scanning every held-out prompt at 8 more seeds);
+(d) the same shares for each object's shape target ``x0:SHAPE@REGION`` (most binding errors of
+    the shapes model swap shapes, not colours), random sample and binding vs correct.
 
 Results are appended to ``--out`` (one JSON line per prompt × seed × step; reruns skip what is
 there); ``--table`` prints the Markdown tables of BENCHMARKS.md.
@@ -139,6 +141,7 @@ def measure(pipe, dics, prompt: str, seed: int, step: int, labels: dict | None =
 
     scene = parse_prompt(prompt)
     specs_text = [f"x0:{o.color}@{o.position}" for o in scene.objects]
+    specs_text += [f"x0:{o.shape}@{o.position}" for o in scene.objects]
     captured = capture_step_input(pipe, prompt, step, seed=seed)
     model = AttributionStep(pipe.transformer, captured, dics)
     make = build_targets([parse_target(s) for s in specs_text], pipe, dics, COLORS)
@@ -154,13 +157,16 @@ def measure(pipe, dics, prompt: str, seed: int, step: int, labels: dict | None =
     act_dec = c.decoder_vecs.norm(dim=1).cpu()
     words = list(model.meta.text_tokens)
     n_txt = model.meta.n_txt
-    out = {}
-    for k in range(2):
+    out: dict = {"shape_targets": {}}
+    for k in range(4):
         e = effects[:, k]
         total = float(e.sum())
-        parts = _word_parts(words, k)
+        parts = _word_parts(words, k % 2)
         shares = {name: float(e[idx].sum()) / total for name, idx in parts.items()}
         shares["image"] = float(e[n_txt:].sum()) / total
+        if k >= 2:  # the objects' shape targets
+            out["shape_targets"][specs_text[k]] = shares
+            continue
         if labels is not None:
             obj, other = scene.objects[k], scene.objects[1 - k]
             top = feat_eff[:, k].argsort(descending=True)[:TOP]
@@ -233,6 +239,7 @@ def run(args: argparse.Namespace) -> None:
             row = {"prompt": prompt, "seed": seed, "step": step, "image": verdict}
             row["sample"] = "random" if i < n_random else "binding"
             row["targets"] = measure(pipe, dics, prompt, seed, step, labels)
+            row["shape_targets"] = row["targets"].pop("shape_targets")
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         logging.info("%s seed %d (%s) done", prompt, seed, verdict)
@@ -350,6 +357,43 @@ def table(path: Path) -> str:
                 for k in ("own colour", "other colour")
             )
             lines.append(f"| {step} | {verdict} | {len(shares)} | {cells} | {wins:.2f} | {kinds} |")
+    if any("shape_targets" in r for r in rows):
+        lines += ["", shape_table(rows, bad)]
+    return "\n".join(lines)
+
+
+def shape_table(rows: list[dict], bad: set[str]) -> str:
+    """(d) the objects' ``x0:SHAPE@REGION`` targets: shares of their own and the other object's
+    shape words, on the random sample and on binding-error prompts (binding vs correct)."""
+    lines = [
+        "(d) shape targets `x0:SHAPE@REGION` (median shares of input influence): random sample, "
+        "then binding-error images vs correct images of the same prompts",
+        "",
+        "| step | images | targets | own shape | other shape | own colour | other colour "
+        "| image patches | own shape > other shape |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    steps = sorted({r["step"] for r in rows})
+    for name, keep in (
+        ("random", lambda r: r.get("sample", "random") == "random"),
+        ("binding", lambda r: r["prompt"] in bad and r["image"] == "binding"),
+        ("correct", lambda r: r["prompt"] in bad and r["image"] == "correct"),
+    ):
+        for step in steps:
+            shares = [
+                s
+                for r in rows
+                if r["step"] == step and "shape_targets" in r and keep(r)
+                for s in r["shape_targets"].values()
+            ]
+            if not shares:
+                continue
+            wins = sum(s["own shape"] > s["other shape"] for s in shares) / len(shares)
+            cells = " | ".join(
+                _med([s[p] for s in shares])
+                for p in ("own shape", "other shape", "own colour", "other colour", "image")
+            )
+            lines.append(f"| {step} | {name} | {len(shares)} | {cells} | {wins:.2f} |")
     return "\n".join(lines)
 
 

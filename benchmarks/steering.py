@@ -3,6 +3,8 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/steering.py                  # 30 tasks x 4 seeds (resumes)
     HF_HUB_OFFLINE=1 python benchmarks/steering.py --tasks 2 --seeds 0 --strengths 1 --out /tmp/s
+    HF_HUB_OFFLINE=1 python benchmarks/steering.py --attribute shape --tasks 10 \
+        --out benchmarks/results/steering-shape --no-diagnosis --no-binding   # shape edits
 
 Tasks: colour edits ("make the left object blue") of prompts the model draws correctly at every
 seed (24 two-object and 6 one-object prompts by default, chosen in a fixed random order; the new
@@ -48,12 +50,15 @@ EXAMPLE_ROWS = (("circuit", 4.0), ("circuit", 32.0), ("sae", 32.0), ("sae", 64.0
 log = logging.getLogger("steering")
 
 
-def select_tasks(flux, n_tasks: int, seeds: list[int], rng_seed: int = 0) -> list:
-    """Colour-edit tasks on prompts the model draws correctly at every seed."""
+def select_tasks(
+    flux, n_tasks: int, seeds: list[int], rng_seed: int = 0, attribute: str = "color"
+) -> list:
+    """Colour (or shape) edit tasks on prompts the model draws correctly at every seed; a new
+    colour differs from every object's, a new shape from the edited object's."""
     from difract_ext.cli.steer_job import run_edits
     from difract_ext.intervene.metrics import EditTask
     from difract_ext.toy.analyzer import score
-    from difract_ext.toy.world import COLORS, all_prompts, parse_prompt
+    from difract_ext.toy.world import COLORS, SHAPES, all_prompts, parse_prompt
 
     rng = np.random.default_rng(rng_seed)
     n_single = max(1, n_tasks // 5) if n_tasks > 1 else 0
@@ -70,9 +75,12 @@ def select_tasks(flux, n_tasks: int, seeds: list[int], rng_seed: int = 0) -> lis
             for p in order[lo : lo + 8]:
                 objs = parse_prompt(p).objects
                 target = objs[int(rng.integers(len(objs)))]
-                free = [c for c in COLORS if c not in {o.color for o in objs}]
+                if attribute == "color":
+                    free = [c for c in COLORS if c not in {o.color for o in objs}]
+                else:
+                    free = [s for s in SHAPES if s != target.shape]
                 cands.append(
-                    EditTask(p, target.position, "color", free[int(rng.integers(len(free)))])
+                    EditTask(p, target.position, attribute, free[int(rng.integers(len(free)))])
                 )
             images, _, _ = run_edits(flux, cands, [None] * len(cands), seeds)
             for j, t in enumerate(cands):
@@ -372,6 +380,12 @@ def main() -> int:
         default=None,
         help="one sweep for both methods (default: each its own)",
     )
+    ap.add_argument(
+        "--attribute",
+        choices=("color", "shape"),
+        default="color",
+        help="what the tasks edit (shape: x0·shape graphs; write to another --out)",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--no-diagnosis", action="store_true", help="skip the upper-bound check")
     ap.add_argument("--no-binding", action="store_true", help="skip the binding-error repairs")
@@ -405,7 +419,7 @@ def main() -> int:
     if tasks_file.exists():
         tasks = [EditTask(**d) for d in json.loads(tasks_file.read_text())]
     else:
-        tasks = select_tasks(flux, args.tasks, seeds)
+        tasks = select_tasks(flux, args.tasks, seeds, attribute=args.attribute)
         atomic_write_json(tasks_file, [t.__dict__ for t in tasks])
     log.info("%d tasks", len(tasks))
 

@@ -67,6 +67,10 @@ def test_live_is_validated(pipe, step) -> None:
     with pytest.raises(ValueError, match="a collection"):
         FrozenFlux(pipe.transformer, step, live="layernorm")
     assert LIVE_CHOICES == LIVE_PARTS  # the CLI's spelling of the parts
+    # offloading keeps what a live part uses on the device
+    q = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert q in FrozenFlux(pipe.transformer, step, live=("layernorm",)).unused_by_linear_path()
+    assert q not in FrozenFlux(pipe.transformer, step, live=("attention",)).unused_by_linear_path()
 
 
 def test_meta_records_live(graphs) -> None:

@@ -402,8 +402,15 @@ class FrozenFlux(HookedRootModule):
         return self.flux.proj_out(normed[:, self.n_txt :])
 
     def unused_by_linear_path(self) -> list[nn.Module]:
-        """:func:`linear_path_unused` of this step's transformer."""
-        return linear_path_unused(self.flux)
+        """:func:`linear_path_unused` of this step's transformer (with ``"attention"`` live, the
+        q and k projections are used)."""
+        mods = linear_path_unused(self.flux)
+        if "attention" in self.live:
+            blocks = (*self.flux.transformer_blocks, *self.flux.single_transformer_blocks)
+            names = ("to_q", "to_k", "add_q_proj", "add_k_proj")
+            qk = {id(getattr(b.attn, n)) for b in blocks for n in names if getattr(b.attn, n, None)}
+            mods = [m for m in mods if id(m) not in qk]
+        return mods
 
     @contextmanager
     def offload_unused(self, device: str | torch.device = "cpu") -> Iterator[None]:

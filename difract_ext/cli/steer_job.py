@@ -3,8 +3,8 @@
 Every step is an ordinary function, importable from Python (``benchmarks/steering.py`` uses
 them):
 
-- :func:`edit_graphs` builds the attribution graphs of an edit (the source colour at the target
-  position on the source prompt, the new colour there on the concept prompt; one per step);
+- :func:`edit_graphs` builds the attribution graphs of an edit (the source colour or shape at the
+  target position on the source prompt, the new one there on the concept prompt; one per step);
 - :func:`circuit_intervention` turns them into a circuit-guided intervention;
 - :func:`mean_activations` and :func:`sae_intervention` give the SAE-steering baseline (mean
   activation difference between concept and contrast prompts);
@@ -210,10 +210,10 @@ def run_steer(
     graph_steps: Sequence[int] = (0, 1),
     max_feature_nodes: int = 100,
 ) -> dict[str, Any]:
-    """Steer the shapes model's images of ``prompt`` by ``edit`` (``POSITION:color=VALUE``) with
-    each method at each strength; write ``{out_dir}/steer.json`` (the interventions and the
-    scores) and ``{out_dir}/steer.png`` (row 1: unedited, then one row per method × strength,
-    one column per seed). Returns the JSON's content."""
+    """Steer the shapes model's images of ``prompt`` by ``edit`` (``POSITION:color=VALUE`` or
+    ``POSITION:shape=VALUE``) with each method at each strength; write ``{out_dir}/steer.json``
+    (the interventions and the scores) and ``{out_dir}/steer.png`` (row 1: unedited, then one
+    row per method × strength, one column per seed). Returns the JSON's content."""
     import difract_ext
     from difract_ext.adapters.tracing import FluxModel
     from difract_ext.intervene.metrics import summarize
@@ -271,15 +271,20 @@ def add_steer_parser(sub: Any) -> Any:
         help="edit shapes-model images by circuit-guided or SAE steering, scored by the analyzer",
         description=(
             "Generate PROMPT with the shipped shapes model at each seed, then again with a "
-            "colour edit (--edit POSITION:color=VALUE) made by circuit-guided steering (features "
-            "of largest influence in attribution graphs of the old and new colour at that "
+            "colour or shape edit (--edit POSITION:color=VALUE or POSITION:shape=VALUE) made by "
+            "circuit-guided steering (features of largest influence in attribution graphs of the "
+            "old and new colour or shape at that "
             "position, edited only where and when the graphs say) and/or SAE steering (mean "
             "activation difference, added everywhere), at each strength; write OUT/steer.json "
             "(interventions, success and collateral per run) and OUT/steer.png."
         ),
     )
     p.add_argument("--prompt", required=True, help="a shapes-world prompt")
-    p.add_argument("--edit", required=True, help="POSITION:color=VALUE, e.g. left:color=blue")
+    p.add_argument(
+        "--edit",
+        required=True,
+        help="POSITION:color=VALUE or POSITION:shape=VALUE, e.g. left:color=blue",
+    )
     p.add_argument("--out", required=True, type=output_folder, help="output folder")
     p.add_argument("--method", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--strength", type=nonnegative_number, nargs="+", default=[1.0, 4.0])

@@ -154,7 +154,8 @@ def test_cli_build_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     )
     assert rc == 0, capsys.readouterr().err
     store = DashboardStore.open(dash)
-    assert [str(s) for s in store.sites] == ["img_1", "txt_1", "img_2", "txt_2"]
+    # every shipped SAE (both streams of the four double blocks), layer by layer
+    assert [str(s) for s in store.sites] == [f"{st}_{i}" for i in range(4) for st in ("img", "txt")]
     assert store.index["scan"] == "mini" and len(store.index["prompts"]) == 2
     assert (dash / "img_1.labels.json").is_file()
     rc = main(["dashboards", "export", "--dash", str(dash), "--out", str(tmp_path / "np")])

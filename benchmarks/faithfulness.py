@@ -1,7 +1,8 @@
 """Faithfulness of attribution graphs on the shapes model, by target kind, budget and step.
 
-    python benchmarks/faithfulness.py [--prompts 3] [--budgets 200 1500] [--steps 0 1 2 3]
-        [--out /work/notes/h15_faithfulness.jsonl] [--table]
+    python benchmarks/faithfulness.py [--prompts 5] [--budgets 200 1500] [--steps 0 1 2 3]
+        [--lives frozen layernorm layernorm+attention] [--out FILE.jsonl] [--table]
+    python benchmarks/faithfulness.py --leftover [--prompts 2] [--budgets 1500]
 
 For each held-out two-object prompt of the shapes world (``split_prompts(2)``, first
 ``--prompts``), each step and each budget it builds three graphs with the shipped transcoders
@@ -14,8 +15,10 @@ features-only protocol at 100 %):
   that x0 target, rooted at its argmax position (DifFRACT's rooting);
 - ``feature summed``: the same feature summed over every image position.
 
-Results are appended to ``--out`` as JSON lines (one per graph; reruns skip what is there);
-``--table`` prints the medians as the Markdown table of BENCHMARKS.md.
+``--lives`` adds graphs built with freezes lifted (first-order edges: ``layernorm``,
+``layernorm+attention``). Results are appended to ``--out`` as JSON lines (one per graph; reruns
+skip what is there); ``--table`` prints the medians as the Markdown tables of BENCHMARKS.md;
+``--leftover`` measures what first-order x0 graphs still miss.
 """
 
 from __future__ import annotations
@@ -147,6 +150,57 @@ def _measure(result, live: tuple[str, ...]) -> dict:
     }
 
 
+def leftover(args: argparse.Namespace) -> str:
+    """What first-order graphs still miss: Spearman at 1 % of an x0 graph built with LayerNorm and
+    attention live (budget ``--budgets[-1]``) against its own model, the same with the
+    transcoders recomputed, and the real model, per prompt and step (a Markdown table)."""
+    from difract_ext.adapters.attribution import attribute_step
+    from difract_ext.adapters.checkpoints import load_shapes_dictionaries
+    from difract_ext.attribution.effects import total_effects
+    from difract_ext.attribution.faithfulness import ablation_agreement, agreement, top_nodes
+    from difract_ext.attribution.partial import UNFROZEN, Freeze
+    from difract_ext.cli.attribution_job import build_targets, parse_target
+    from difract_ext.replacement.inputs import capture_step_input
+    from difract_ext.toy import load_shapes_pipeline
+    from difract_ext.toy.world import COLORS, parse_prompt, split_prompts
+
+    models = {
+        "own model": Freeze(attention=False, layernorm=False),
+        "transcoders recomputed": Freeze(attention=False, layernorm=False, mlp="transcoder"),
+        "real model": UNFROZEN,
+    }
+    pipe, dics = load_shapes_pipeline(), load_shapes_dictionaries()
+    lines = [
+        "| prompt | step | " + " | ".join(models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
+    for prompt in split_prompts(2)[1][: args.prompts]:
+        first = parse_prompt(prompt).objects[0]
+        make = build_targets(
+            [parse_target(f"x0:{first.color}@{first.position}")], pipe, dics, COLORS
+        )
+        for step in args.steps:
+            captured = capture_step_input(pipe, prompt, step, seed=0)
+            result = attribute_step(
+                pipe.transformer,
+                captured,
+                dics,
+                make,
+                max_feature_nodes=args.budgets[-1],
+                live=("layernorm", "attention"),
+            )
+            eff = total_effects(result.graph).effects
+            nodes = top_nodes(result, eff[0], 30)
+            cells = []
+            for freeze in models.values():
+                out = ablation_agreement(result, nodes, eff, (0.01,), freeze)
+                a = agreement(out["measured"][0, :, 0], out["predicted"][0, :, 0])
+                cells.append(f"{a['spearman']:.2f}")
+            lines.append(f"| {prompt} | {step} | " + " | ".join(cells) + " |")
+            logging.info(lines[-1])
+    return "\n".join(lines)
+
+
 def _median(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     return f"{statistics.median(values):.2f}" if values else "–"
@@ -259,10 +313,19 @@ def main() -> None:
     )
     ap.add_argument("--out", default="benchmarks/faithfulness.jsonl")
     ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    ap.add_argument(
+        "--leftover",
+        action="store_true",
+        help="what first-order x0 graphs still miss (own model / transcoders recomputed / real "
+        "model, Spearman at 1 %%) over --prompts x --steps at the last --budgets; prints a table",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.table:
         print(table(Path(args.out)))
+        return
+    if args.leftover:
+        print(leftover(args))
         return
     run(args)
 

@@ -211,20 +211,6 @@ class RowGraph:
         completeness = (non_error * out_infl).sum() / out_infl.sum()
         return float(replacement), float(completeness)
 
-    def total_effects(self, target: int = 0, max_iter: int = 1000) -> torch.Tensor:
-        """``[M]`` total effect of every node on target ``target`` through the graph (the row of
-        ``(I − A)⁻¹ − I`` of that target), in float64."""
-        e = torch.zeros(self.n_nodes, dtype=torch.float64, device=self.rows.device)
-        e[self.n_nodes - self.n_targets + target] = 1.0
-        total = torch.zeros_like(e)
-        current = e
-        for _ in range(max_iter):
-            current = self.vector_product(current)
-            if not bool(current.any()):
-                return total
-            total += current
-        raise RuntimeError(f"total effects did not converge in {max_iter} steps (a cycle?)")
-
     def vector_product(self, v: torch.Tensor) -> torch.Tensor:
         """``v @ A`` for ``v [M]`` in ``v``'s dtype (row chunks; rows where ``v`` is 0 skipped)."""
         vr = v[self.row_nodes.to(v.device)]

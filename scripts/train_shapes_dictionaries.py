@@ -334,6 +334,52 @@ def kept_dictionaries(args: argparse.Namespace) -> list[TrainedDictionary]:
     ]
 
 
+def ship_one(src: Path, dst: Path, spec: DictionarySpec, evals: dict) -> dict:
+    """Copy one trained dictionary ``src`` into the shipped folder ``dst`` (SAELens files,
+    ``training.json``, ``metrics.json`` with its held-out evaluation); returns its index entry."""
+    for f in ("cfg.json", "sae_weights.safetensors"):
+        shutil.copy2(src / f, dst / f)
+    training = json.loads((src / "training.json").read_text())
+    training["data"]["root"] = "runs/shapes-dictionaries/harvest-train (shapes:train prompts)"
+    atomic_write_json(dst / "training.json", training)
+    metrics = json.loads((src / "metrics.json").read_text())
+    metrics["held_out"] = evals[spec.resolved_name]["groups"]
+    atomic_write_json(dst / "metrics.json", metrics)
+    m = metrics["held_out"]["all"]
+    split = {  # text: "all" includes T5 padding; real tokens and padding apart
+        f"explained_variance_{g}": metrics["held_out"][g]["explained_variance"]
+        for g in ("real", "padding")
+        if g in metrics["held_out"]
+    }
+    return {
+        **split,
+        "path": f"{spec.role}s/{spec.site}",
+        "site": str(spec.site),
+        "role": spec.role,
+        "variant": spec.variant,
+        "d_sae": evals[spec.resolved_name]["d_sae"],
+        "explained_variance": m["explained_variance"],
+        "l0": m["l0"],
+        "dead_fraction": m["dead_fraction"],
+        "dense_fraction": m["dense_fraction"],
+    }
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The shipping recipe's training configuration with this run's options."""
+    return TrainConfig(
+        **{
+            **R.train,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "resample_until": args.resample_until,
+            "resample_min_rate": args.resample_min_rate,
+        },
+        log_every=100,
+        seed=0,
+    )
+
+
 def stage_ship(
     args: argparse.Namespace,
     work: Path,
@@ -362,39 +408,9 @@ def stage_ship(
             shutil.copytree(d.path, tmp / rel)
             index.append(old_index[rel])
         for spec in ship:
-            src = work / "dicts" / spec.resolved_name
             dst = tmp / f"{spec.role}s" / str(spec.site)
             dst.mkdir(parents=True)
-            for f in ("cfg.json", "sae_weights.safetensors"):
-                shutil.copy2(src / f, dst / f)
-            training = json.loads((src / "training.json").read_text())
-            training["data"]["root"] = (
-                "runs/shapes-dictionaries/harvest-train (shapes:train prompts)"
-            )
-            atomic_write_json(dst / "training.json", training)
-            metrics = json.loads((src / "metrics.json").read_text())
-            metrics["held_out"] = evals[spec.resolved_name]["groups"]
-            atomic_write_json(dst / "metrics.json", metrics)
-            m = metrics["held_out"]["all"]
-            split = {  # text: "all" includes T5 padding; real tokens and padding apart
-                f"explained_variance_{g}": metrics["held_out"][g]["explained_variance"]
-                for g in ("real", "padding")
-                if g in metrics["held_out"]
-            }
-            index.append(
-                {
-                    **split,
-                    "path": f"{spec.role}s/{spec.site}",
-                    "site": str(spec.site),
-                    "role": spec.role,
-                    "variant": spec.variant,
-                    "d_sae": evals[spec.resolved_name]["d_sae"],
-                    "explained_variance": m["explained_variance"],
-                    "l0": m["l0"],
-                    "dead_fraction": m["dead_fraction"],
-                    "dense_fraction": m["dense_fraction"],
-                }
-            )
+            index.append(ship_one(work / "dicts" / spec.resolved_name, dst, spec, evals))
         atomic_write_json(
             tmp / "index.json",
             {"model": "difract-ext/shapes-flux", "dictionaries": index, "splice": splice},
@@ -438,54 +454,16 @@ def stage_add_saes(args: argparse.Namespace, work: Path, train_dir: Path, held_d
         for s in sites
     ]
     name = "saes-" + "-".join(map(str, layers))
-    cfg = TrainConfig(
-        **{
-            **R.train,
-            "batch_size": args.batch_size,
-            "epochs": args.epochs,
-            "resample_until": args.resample_until,
-            "resample_min_rate": args.resample_min_rate,
-        },
-        log_every=100,
-        seed=0,
-    )
+    cfg = train_config(args)
     train_dictionaries(train_dir, specs, work / f"dicts-{name}", cfg, io=SAELENS_IO, resume=True)
     dicts = load_dictionaries(work / f"dicts-{name}", io=SAELENS_IO)
     summary_dir = work / f"eval-{name}"
     run_evaluation(dicts, held_dir, summary_dir, pipeline=None)
     evals = {e["name"]: e for e in json.loads((summary_dir / "eval.json").read_text())["evals"]}
     for spec in specs:
-        src, dst = work / f"dicts-{name}" / spec.resolved_name, ship_dir / "saes" / str(spec.site)
-        with atomic_directory(dst, owned=None) as tmp:
-            for f in ("cfg.json", "sae_weights.safetensors"):
-                shutil.copy2(src / f, tmp / f)
-            training = json.loads((src / "training.json").read_text())
-            training["data"]["root"] = (
-                "runs/shapes-dictionaries/harvest-train (shapes:train prompts)"
-            )
-            atomic_write_json(tmp / "training.json", training)
-            metrics = json.loads((src / "metrics.json").read_text())
-            metrics["held_out"] = evals[spec.resolved_name]["groups"]
-            atomic_write_json(tmp / "metrics.json", metrics)
-        m = metrics["held_out"]["all"]
-        index["dictionaries"].append(
-            {
-                **{
-                    f"explained_variance_{g}": metrics["held_out"][g]["explained_variance"]
-                    for g in ("real", "padding")
-                    if g in metrics["held_out"]
-                },
-                "path": f"saes/{spec.site}",
-                "site": str(spec.site),
-                "role": "sae",
-                "variant": spec.variant,
-                "d_sae": evals[spec.resolved_name]["d_sae"],
-                "explained_variance": m["explained_variance"],
-                "l0": m["l0"],
-                "dead_fraction": m["dead_fraction"],
-                "dense_fraction": m["dense_fraction"],
-            }
-        )
+        with atomic_directory(ship_dir / "saes" / str(spec.site), owned=None) as tmp:
+            entry = ship_one(work / f"dicts-{name}" / spec.resolved_name, tmp, spec, evals)
+        index["dictionaries"].append(entry)
     atomic_write_json(ship_dir / "index.json", index)
     report = (summary_dir / "eval.md").read_text().replace(f"{REPO}/", "")
     text = (ship_dir / "EVAL.md").read_text()
@@ -521,17 +499,7 @@ def main() -> None:
         len(ship),
         len(other_sweep),
     )
-    cfg = TrainConfig(
-        **{
-            **R.train,
-            "batch_size": args.batch_size,
-            "epochs": args.epochs,
-            "resample_until": args.resample_until,
-            "resample_min_rate": args.resample_min_rate,
-        },
-        log_every=100,
-        seed=0,
-    )
+    cfg = train_config(args)
     t0 = time.time()
     train_dictionaries(train_dir, specs, work / "dicts", cfg, io=SAELENS_IO, resume=True)
     if other_sweep:  # a folder of its own: the run of --streams stays the same run

@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 from scipy import stats
-from tiny_attribution import LEFT
+from tiny_attribution import layer1_targets
 
-from difract_ext import Site
 from difract_ext.adapters.attribution import attribute_step
 from difract_ext.attribution.effects import total_effects
 from difract_ext.attribution.faithfulness import (
@@ -21,26 +20,13 @@ from difract_ext.attribution.faithfulness import (
     top_nodes,
 )
 from difract_ext.attribution.partial import UNFROZEN, node_vectors
-from difract_ext.replacement.targets import feature_target, output_target
 
 pytest_plugins = ["tiny_attribution"]
-SITE = Site(1, "img")
 
 
 @pytest.fixture(scope="module")
 def result(pipe, step, dics):
-    direction = torch.randn(16, generator=torch.Generator().manual_seed(3))
-
-    def make(m):
-        feats = m.components.features
-        img1 = feats[(feats[:, 0] == 1) & (feats[:, 2] < m.components.d_img[1])]
-        feature, pos = int(img1[0, 2]), int(img1[0, 1])
-        return [
-            feature_target(m.frozen, dics, SITE, feature, positions=[pos], label="f@p"),
-            feature_target(m.frozen, dics, SITE, feature, label="f summed"),
-            output_target(m.frozen, LEFT, direction, kind="x0", label="x0"),
-        ]
-
+    make = layer1_targets(dics, labels=("f@p", "f summed", "x0"))
     return attribute_step(pipe.transformer, step, dics, make, batch_size=64, max_feature_nodes=30)
 
 

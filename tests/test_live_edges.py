@@ -8,9 +8,8 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_attribution import LEFT
+from tiny_attribution import layer1_targets
 
-from difract_ext import Site
 from difract_ext.adapters.attribution import attribute_step
 from difract_ext.attribution.effects import total_effects
 from difract_ext.attribution.faithfulness import FaithfulnessConfig, faithfulness_report, own_model
@@ -18,7 +17,6 @@ from difract_ext.attribution.graph_meta import GraphMeta
 from difract_ext.attribution.partial import FROZEN, PartialFlux, node_edit, node_vectors
 from difract_ext.cli.graphs import LIVE_CHOICES
 from difract_ext.replacement.frozen import LIVE_PARTS, FrozenFlux
-from difract_ext.replacement.targets import feature_target, output_target
 
 pytest_plugins = ["tiny_attribution"]
 
@@ -26,18 +24,7 @@ LIVES = [("layernorm",), ("layernorm", "attention")]
 
 
 def _targets(dics):
-    direction = torch.randn(16, generator=torch.Generator().manual_seed(3))
-
-    def make(m):
-        feats = m.components.features
-        img1 = feats[(feats[:, 0] == 1) & (feats[:, 2] < m.components.d_img[1])]
-        feature, pos = int(img1[0, 2]), int(img1[0, 1])
-        return [
-            output_target(m.frozen, LEFT, direction, kind="x0", label="x0"),
-            feature_target(m.frozen, dics, Site(1, "img"), feature, positions=[pos], label="f@p"),
-        ]
-
-    return make
+    return layer1_targets(dics, labels=("x0", "f@p"))
 
 
 @pytest.fixture(scope="module")

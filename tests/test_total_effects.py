@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_attribution import LEFT
+from tiny_attribution import layer1_targets
 
-from difract_ext import Site
 from difract_ext.adapters.attribution import attribute_step
 from difract_ext.attribution.effects import feature_row_values, row_total_effects, total_effects
 from difract_ext.attribution.graph_meta import RESIDUE_FEATURE
@@ -20,26 +19,12 @@ from difract_ext.attribution.partial import (
     node_edit,
     node_vectors,
 )
-from difract_ext.replacement.targets import feature_target, output_target
 
 pytest_plugins = ["tiny_attribution"]
 
 
 def _targets(dics):
-    direction = torch.randn(16, generator=torch.Generator().manual_seed(3))
-
-    def make(m):
-        # a layer-1 image feature that is active somewhere, rooted at one position and summed
-        feats = m.components.features
-        img1 = feats[(feats[:, 0] == 1) & (feats[:, 2] < m.components.d_img[1])]
-        feature, pos = int(img1[0, 2]), int(img1[0, 1])
-        return [
-            output_target(m.frozen, LEFT, direction, kind="x0", label="x0", weight=2.0),
-            feature_target(m.frozen, dics, Site(1, "img"), feature, positions=[pos], label="f@p"),
-            feature_target(m.frozen, dics, Site(1, "img"), feature, label="f summed"),
-        ]
-
-    return make
+    return layer1_targets(dics, x0_weight=2.0)
 
 
 @pytest.fixture(scope="module")

@@ -317,23 +317,15 @@ def repair_one(flux, pipe, tcs, prompt: str, seed: int, correct: int, image, k: 
     colour (else shape) is not the asked one, graphs of ``x0·drawn @ position`` at ``seed`` and
     ``x0·asked @ position`` at the ``correct`` seed give the edit; None when every detected
     object at a prompted position has its asked colour and shape."""
+    from difract_ext.intervene.metrics import binding_repair
     from difract_ext.intervene.steering import circuit_steering
-    from difract_ext.toy.analyzer import analyze, score
-    from difract_ext.toy.world import parse_prompt
+    from difract_ext.toy.analyzer import score
 
     before = score(image, prompt)
-    want = {o.position: (o.color, o.shape) for o in parse_prompt(prompt).objects}
-    det = {d.position: (d.color, d.shape) for d in analyze(image)}
-    wrong = [
-        (pos, i)
-        for i in (0, 1)  # colour first, then shape
-        for pos, asked in want.items()
-        if pos in det and det[pos][i] != asked[i]
-    ]
-    if not wrong:
+    repair = binding_repair(prompt, image)
+    if repair is None:
         return None
-    pos, i = wrong[0]
-    drawn, asked = det[pos][i], want[pos][i]
+    pos, drawn, asked = repair.position, repair.drawn, repair.asked
     src = _graph(pipe, tcs, prompt, seed, f"x0:{drawn}@{pos}")
     con = _graph(pipe, tcs, prompt, correct, f"x0:{asked}@{pos}")
     iv = circuit_steering([src], [con], k=k)
@@ -342,7 +334,7 @@ def repair_one(flux, pipe, tcs, prompt: str, seed: int, correct: int, image, k: 
         "seed": seed,
         "correct_seed": correct,
         "position": pos,
-        "attribute": ("color", "shape")[i],
+        "attribute": repair.attribute,
         "drawn": drawn,
         "asked": asked,
         "failing_graph_token_shares": _token_shares(*src),

@@ -228,3 +228,27 @@ def test_difract_steer_cli(tmp_path, capsys) -> None:
     assert "circuit x3: success" in capsys.readouterr().out
     assert main([*args[:4], "left:color=red", *args[5:]]) == 2  # already red: one error line
     assert "already red" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_binding_repair_names_the_swapped_attribute(seed: int) -> None:
+    from difract_ext.intervene.metrics import Repair, binding_repair
+
+    prompt = "a red circle on the left and a blue square on the right"
+    swapped_shapes = scene(("red", "square", "left"), ("blue", "circle", "right"))
+    swapped_colours = scene(("blue", "circle", "left"), ("red", "square", "right"))
+    correct = scene(("red", "circle", "left"), ("blue", "square", "right"))
+    only_right = scene(
+        ("blue", "triangle", "right"),
+    )
+    # colours before shapes, prompt order first; a missing object is not a binding to repair
+    assert binding_repair(prompt, render(swapped_shapes, seed=seed)) == Repair(
+        "left", "shape", "square", "circle"
+    )
+    assert binding_repair(prompt, render(swapped_colours, seed=seed)) == Repair(
+        "left", "color", "blue", "red"
+    )
+    assert binding_repair(prompt, render(correct, seed=seed)) is None
+    assert binding_repair(prompt, render(only_right, seed=seed)) == Repair(
+        "right", "shape", "triangle", "square"
+    )

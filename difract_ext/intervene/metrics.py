@@ -242,3 +242,28 @@ def summarize(scores: Sequence[EditScore]) -> dict[str, float]:
 def concept_object(task: EditTask) -> ShapeObject:
     """The target object as it should look after the edit."""
     return parse_prompt(task.concept_prompt).objects[task.target_index]
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What to repair in an image of a prompt: the object at ``position`` was drawn with
+    ``attribute`` = ``drawn`` where the prompt asks for ``asked``."""
+
+    position: str
+    attribute: str
+    drawn: str
+    asked: str
+
+
+def binding_repair(prompt: str, image: np.ndarray) -> Repair | None:
+    """The first wrong attribute of ``image`` (as for :func:`~difract_ext.toy.analyzer.analyze`)
+    at a prompted position: colours first (in prompt order), then shapes; None when every object
+    the analyzer finds at a prompted position has the prompt's colour and shape there."""
+    want = {o.position: o for o in parse_prompt(prompt).objects}
+    found = {d.position: d for d in analyze(image)}
+    for attribute in ("color", "shape"):
+        for position, obj in want.items():
+            det = found.get(position)
+            if det is not None and getattr(det, attribute) != getattr(obj, attribute):
+                return Repair(position, attribute, getattr(det, attribute), getattr(obj, attribute))
+    return None

@@ -85,3 +85,10 @@ def test_shape_edit_graphs(pipe) -> None:
         pipe, load_shapes_dictionaries(), task, steps=(1,), k=3, max_feature_nodes=20
     )
     assert len(iv.edits) == 6 and all(e.steps == (1,) for e in iv.edits)
+
+
+def test_shape_directions_refuse_what_they_cannot_probe(pipe) -> None:
+    with pytest.raises(ValueError, match="unknown position 'all'"):
+        shape_directions(pipe, "all", (8, 8))
+    with pytest.raises(ValueError, match="square image"):
+        shape_directions(pipe, "left", (8, 16))

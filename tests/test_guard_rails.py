@@ -150,7 +150,7 @@ def test_shapes_recipe_is_the_shipped_one() -> None:
     """Each shipped shapes dictionary's recorded spec and config: what `--recipe shapes` gives."""
     recipe = RECIPES["shapes"]
     folders = sorted(SHIPPED.glob("*/*/training.json"))
-    assert len(folders) == 12
+    assert len(folders) == 16  # a transcoder and an SAE for each of the 8 double-block MLPs
     for path in folders:
         training = json.loads(path.read_text())
         spec = training["spec"]

@@ -201,10 +201,7 @@ def test_demo_copies_the_shipped_transcoder_dashboards(tmp_path: Path) -> None:
     assert all(store.info(s).kind == "transcoder" for s in store.sites)
     saes = DashboardStore.open(shipped_dashboards_path("sae"))
     assert saes.scan == "shapes-saes" and [str(s) for s in saes.sites] == [
-        "img_1",
-        "txt_1",
-        "img_2",
-        "txt_2",
+        f"{st}_{i}" for i in range(4) for st in ("img", "txt")
     ]
 
 

@@ -101,6 +101,11 @@ def test_training_and_harvest_seeds_are_the_old_values() -> None:
 
 # the init and resampling seeds of the shipped dictionaries, computed with the old formulas
 SHIPPED_SEEDS = {
+    # layers 0 and 3 (added by --add-saes; the old formula gives the same values)
+    "saes/img_0/relu_l1-1e-02_x2": (973446778541856203, 1212997809120456236),
+    "saes/txt_0/relu_l1-1e-02_x0.75": (1037984977161040873, 1896751239403438386),
+    "saes/img_3/relu_l1-1e-02_x2": (1729682213386427264, 2257709511918861213),
+    "saes/txt_3/relu_l1-1e-02_x0.75": (867582950112510638, 1860370339377758835),
     "saes/img_1/relu_l1-1e-02_x2": (528134294796532152, 47896023687993557),
     "saes/img_2/relu_l1-1e-02_x2": (1465019944412919175, 306762297543606712),
     "saes/txt_1/relu_l1-1e-02_x0.75": (2292871539909463682, 1856024078999349559),

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from two_processes import run_two_processes
 
 from difract_ext.dashboards.scan import ScanConfig, ScanError, scan_dashboards
 from difract_ext.dashboards.store import HIST_EDGES, DashboardError, DashboardStore
@@ -292,37 +289,9 @@ def test_resume_after_interruption_gives_identical_output(
     _same(one_run, out)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_processes_give_the_same_dashboards(one_run: Path, tmp_path: Path) -> None:
     (tmp_path / "worker.py").write_text(WORKER)
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONWARNINGS": "ignore",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(tmp_path / "worker.py"),
-        str(Path(__file__).parent),
-        str(tmp_path / "two"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_processes(tmp_path / "worker.py", str(Path(__file__).parent), str(tmp_path / "two"))
     _same(one_run, tmp_path / "two")
 
 

@@ -7,16 +7,13 @@ hangs), launched like a user would: ``python -m torch.distributed.run --nproc_pe
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from two_processes import run_two_processes
 
 from difract_ext.adapters.dictionaries import SAELENS_IO
 from difract_ext.capture import HarvestConfig, HarvestReader, harvest
@@ -79,12 +76,6 @@ def harvest_config(tiny: Any) -> HarvestConfig:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _tensors(root: Path) -> dict[str, torch.Tensor]:
     reader = HarvestReader(root)
     parts = [reader.load_shard(i) for i in range(len(reader.shards))]
@@ -104,30 +95,7 @@ def two_procs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         threshold=1.0,
     )
     (out / "worker.py").write_text(WORKER)
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONWARNINGS": "ignore",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(out / "worker.py"),
-        str(Path(__file__).parent),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_processes(out / "worker.py", str(Path(__file__).parent), str(out))
     return out
 
 

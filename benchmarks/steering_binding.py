@@ -33,13 +33,17 @@ def binding_repair(
     up to ``max_items`` of them (colour or shape: :func:`repair_one`)."""
     from difract_ext.cli.attribution_job import run_attribution
     from difract_ext.toy.analyzer import analyze, score
+    from difract_ext.toy.pipeline import generate_images
     from difract_ext.toy.world import all_prompts
 
     rng = np.random.default_rng(1)
     pool = all_prompts(2)
     prompts = [pool[i] for i in rng.permutation(len(pool))[:n_prompts]]
-    images = _images(
-        flux, [p for p in prompts for _ in seeds], [sd for _ in prompts for sd in seeds]
+    images = generate_images(
+        flux.pipeline,
+        [p for p in prompts for _ in seeds],
+        [sd for _ in prompts for sd in seeds],
+        32,
     )
     n_s = len(seeds)
     items, correct_seed = [], {}
@@ -52,7 +56,12 @@ def binding_repair(
                 items.append((p, sd, images[i * n_s + j]))
     missing = sorted({p for p, _, _ in items if p not in correct_seed})
     extra = list(range(100, 116))
-    more = _images(flux, [p for p in missing for _ in extra], [sd for _ in missing for sd in extra])
+    more = generate_images(
+        flux.pipeline,
+        [p for p in missing for _ in extra],
+        [sd for _ in missing for sd in extra],
+        32,
+    )
     for i, p in enumerate(missing):
         for j, sd in enumerate(extra):
             if score(more[i * len(extra) + j], p).fully_correct:
@@ -127,17 +136,6 @@ def binding_repair(
         "attributes_broken": breaks,
         "graph_files": graphs,
     }
-
-
-def _images(flux, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
-    """Unedited images, 32 at a time."""
-    images = []
-    for lo in range(0, len(prompts), 32):
-        ims = flux.run_intervention(
-            prompts[lo : lo + 32], None, seeds=seeds[lo : lo + 32], output_type="np"
-        )
-        images += [np.asarray(im, np.float32) for im in ims.images]
-    return images
 
 
 def _graph(pipe, tcs, prompt: str, seed: int, target: str):
